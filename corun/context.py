@@ -1,0 +1,652 @@
+"""AioContext: an event loop owned by one thread, and the one door into it.
+
+QEMU: util/async.c (aio_notify, aio_co_schedule, co_schedule_bh_cb,
+aio_co_wake, aio_co_enter) and util/aio-posix.c (aio_poll).
+
+Design. A context is four lock-free deques that any thread may append to -
+one-shot callbacks (`_calls`), scheduled coroutines (`_sched_q`), bottom
+halves (`_bh_q`, `_idle_q`) - plus timers, fd handlers and an eventfd. The
+home thread runs `_pass()`, one full iteration of the loop and the only
+place where work is run: it takes a snapshot of each deque (what arrives
+meanwhile waits for the next pass), runs it, dispatches ready fds and
+expired timers. The scheduled-coroutine deque is QEMU's `co_schedule_bh`:
+in QEMU a bottom half drains the list; here the pass drains it directly
+whenever it is non-empty, which is the same thing without the extra flag.
+
+The one door in from other threads: append to a deque (a single atomic
+operation), then `notify()`. notify() stores `_notified` and writes the
+eventfd only if the loop announced it may sleep (`_notify_me`) and nobody
+wrote since the loop last woke (the `_event_armed` test-and-set). A burst
+onto a busy loop therefore costs no syscall; onto a sleeping loop, one.
+
+Threads: `poll`, `add_*`/`remove_*` and `close` are for the home thread
+(the thread that created the context); the rest is callable from any thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time as _time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+from greenlet import getcurrent
+
+from . import _thread
+from .bh import SCHEDULED, BottomHalf
+from .coroutine import Coroutine, _enter, current_coroutine
+from .fdhandler import READ, WRITE, Handler, fileno_of, make_poller
+from .notifier import EventNotifier
+from .timer import Timer, TimerList
+
+T = TypeVar("T")
+
+logger = logging.getLogger("corun")
+
+# Numbers for default names only; never read back.
+_ctx_names = itertools.count(1)
+
+# How long idle bottom halves may wait (QEMU: 10 ms in aio_compute_timeout).
+IDLE_BH_DELAY = 0.010
+
+ExceptionHandler = Callable[["AioContext", BaseException, object], object]
+
+
+class AioContext:
+    """An event-loop context owned by the calling thread. Thread: any."""
+
+    def __init__(self, name: str | None = None) -> None:
+        tls = _thread._tls
+        if tls.ctx is not None:
+            raise RuntimeError(
+                f"thread {threading.current_thread().name!r} already owns {tls.ctx!r}; "
+                "a thread owns at most one open context"
+            )
+        self.name: str = name if name is not None else f"ctx-{next(_ctx_names)}"
+        self._thread = threading.get_ident()
+        self._thread_name = threading.current_thread().name
+        self._closed = False
+        self._closing = False
+
+        # Lock-free queues: any thread appends, the home thread pops.
+        self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._sched_q: deque[Coroutine[Any]] = deque()
+        self._bh_q: deque[BottomHalf] = deque()
+        self._idle_q: deque[BottomHalf] = deque()
+        self._timers = TimerList(self)
+
+        # The notify protocol (see notify() and _pass()).
+        # Invariants: _event_armed is held exactly from the notify() that
+        # decides to write the eventfd until the loop has read it; so while
+        # it is held the eventfd is (or is about to be) readable.
+        self._notifier = EventNotifier()
+        self._notify_fd = self._notifier.fileno()
+        self._notify_me = False
+        self._notified = False
+        self._event_armed = threading.Lock()
+        # Held around the eventfd write and around closing it, so that no
+        # write can hit a closed (or reused) fd. Uncontended but for close().
+        self._write_lock = threading.Lock()
+        # Held by close() while it drains; see _late().
+        self._close_lock = threading.Lock()
+
+        self._poller = make_poller()
+        self._poller.set(self._notify_fd, READ)
+        self._fds: dict[int, list[Handler | None]] = {}
+
+        # Coroutines that started here and have not finished (for close()).
+        self._live: set[Coroutine[Any]] = set()
+        self._exc_handler: ExceptionHandler | None = None
+
+        # Counters: written by the home thread only, except notify_writes,
+        # which is written only while holding _event_armed.
+        self._polls = 0
+        self._notify_writes = 0
+        self._bh_calls = 0
+        self._co_entered = 0
+        self._co_scheduled = 0
+        self._timers_fired = 0
+        self._fd_events = 0
+
+        tls.ctx = self
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<AioContext {self.name!r} {state} thread={self._thread_name!r}>"
+
+    def __enter__(self) -> AioContext:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the door from any thread ------------------------------------------
+
+    def notify(self) -> None:
+        """Make a blocked or about-to-block poll() return (aio_notify). Thread: any.
+
+        Pairs with _pass(): callers publish their work (append to a deque)
+        before calling this; we store _notified and only then read
+        _notify_me, while the loop stores _notify_me and only then reads
+        the deques and _notified. So either the loop sees the work and does
+        not sleep, or we see _notify_me and write the eventfd, which ends
+        the sleep. _event_armed makes that write happen once per wake-up of
+        the loop, however many producers race here.
+        """
+        self._notified = True
+        if self._notify_me and self._event_armed.acquire(False):
+            with self._write_lock:
+                if not self._closed:
+                    self._notifier.set()
+                    self._notify_writes += 1
+
+    def _late(self, queue: deque[Any], item: Any) -> None:
+        """A producer appended `item`, then saw the context closed.
+
+        close() holds _close_lock while it drains and only sets _closed
+        when it is about to drain for the last time, so once we hold the
+        lock, `item` has either run (it is gone) or never will (it is still
+        there): then we take it back and raise, so nothing is dropped
+        silently. Only a producer racing close() ever waits here.
+        """
+        if threading.get_ident() == self._thread:
+            return  # close() runs on this thread and drains until empty
+        with self._close_lock:
+            try:
+                queue.remove(item)
+            except ValueError:
+                return
+        if isinstance(item, Coroutine):
+            item._sched_where = None
+            item._sched.release()
+        elif isinstance(item, BottomHalf):
+            item._queued.release()
+        raise RuntimeError(f"{self!r} closed before {item!r} could run")
+
+    def schedule(self, co: Coroutine[Any]) -> None:
+        """Queue `co` to be entered by this context's loop (aio_co_schedule). Thread: any.
+
+        Lock-free. FIFO with other scheduled coroutines.
+        """
+        if co.done:
+            raise RuntimeError(f"cannot schedule {co!r} on {self!r}: it has finished")
+        bound = co._thread
+        if bound is not None and bound != self._thread:
+            raise RuntimeError(
+                f"cannot schedule {co!r} on {self!r}: the coroutine is bound to another "
+                "thread (a greenlet never changes threads); call into the context "
+                "instead: ctx.spawn(fn).join() or ctx.call_sync(fn)"
+            )
+        if self._closed:
+            raise RuntimeError(f"cannot schedule {co!r}: {self!r} is closed")
+        if not co._sched.acquire(False):
+            raise RuntimeError(f"{co!r} is already scheduled in {co._sched_where!r}")
+        co._sched_where = self
+        co.ctx = self
+        q = self._sched_q
+        # Publish, then notify: pairs with _pass() (see notify()).
+        q.append(co)
+        self.notify()
+        if self._closed:
+            self._late(q, co)
+
+    def enter(self, co: Coroutine[Any]) -> None:
+        """Enter `co` here (aio_co_enter). Thread: any.
+
+        From another thread: schedule(co). Inside a coroutine of this
+        context: queue `co` to be entered right after the current coroutine
+        yields or finishes. Otherwise: enter it now.
+        """
+        if _thread._tls.ctx is not self:
+            self.schedule(co)
+            return
+        me = current_coroutine()
+        if me is None:
+            co._check_enterable("enter", self._thread)
+            _enter(self, co, explicit=False)
+            return
+        _defer(me, co)
+
+    def spawn(
+        self, fn: Callable[..., T], /, *args: Any, name: str | None = None, **kwargs: Any
+    ) -> Coroutine[T]:
+        """Create a Coroutine running fn(*args, **kwargs) and schedule it here. Thread: any."""
+        co = Coroutine(fn, *args, name=name, **kwargs)
+        self.schedule(co)
+        return co
+
+    def call_soon(self, cb: Callable[..., Any], /, *args: Any) -> None:
+        """Run cb(*args) once at the next poll (aio_bh_schedule_oneshot). Thread: any."""
+        if self._closed:
+            raise RuntimeError(f"cannot call_soon({cb!r}): {self!r} is closed")
+        item = (cb, args)
+        q = self._calls
+        q.append(item)
+        self.notify()
+        if self._closed:
+            self._late(q, item)
+
+    def call_sync(
+        self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> T:
+        """Run fn in this context's thread; return its result or raise its exception.
+
+        A coroutine caller yields meanwhile, a plain thread blocks; from the
+        home thread fn is just called. TimeoutError after `timeout` seconds
+        (fn may still run later; its outcome is then dropped). Thread: any.
+        """
+        if threading.get_ident() == self._thread:
+            if self._closed:
+                raise RuntimeError(f"cannot call_sync({fn!r}): {self!r} is closed")
+            return fn(*args, **kwargs)
+        from .waiter import Waiter
+
+        waiter = Waiter(current_coroutine())
+        outcome: list[Any] = []
+
+        def run_there() -> None:
+            try:
+                outcome.append((True, fn(*args, **kwargs)))
+            except BaseException as exc:
+                outcome.append((False, exc))
+                waiter.fire()
+                if not isinstance(exc, Exception):
+                    raise  # KeyboardInterrupt/SystemExit: also stop that loop
+                return
+            waiter.fire()
+
+        self.call_soon(run_there)
+        if not waiter.wait(timeout):
+            raise TimeoutError(f"call_sync({fn!r}) on {self!r} did not finish within {timeout} s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def bh(self, cb: Callable[..., Any], /, *args: Any, name: str | None = None) -> BottomHalf:
+        """A new, unscheduled BottomHalf (aio_bh_new). Thread: any."""
+        return BottomHalf(self, cb, args, name)
+
+    def timer(self, cb: Callable[..., Any], /, *args: Any) -> Timer:
+        """A new, unarmed Timer whose callback runs here (aio_timer_new). Thread: any."""
+        return Timer(self, cb, args)
+
+    def call_later(self, delay: float, cb: Callable[..., Any], /, *args: Any) -> Timer:
+        """A Timer armed to fire `delay` seconds from now. Thread: any."""
+        timer = Timer(self, cb, args)
+        timer.mod(_time.monotonic() + delay)
+        return timer
+
+    def call_at(self, when: float, cb: Callable[..., Any], /, *args: Any) -> Timer:
+        """A Timer armed to fire at `when` on the time() clock. Thread: any."""
+        timer = Timer(self, cb, args)
+        timer.mod(when)
+        return timer
+
+    time = staticmethod(_time.monotonic)
+
+    def set_exception_handler(self, handler: ExceptionHandler | None) -> None:
+        """Call handler(ctx, exc, origin) for exceptions escaping work run by the loop.
+
+        None restores the default, which logs at ERROR on the `corun`
+        logger. Thread: any.
+        """
+        if handler is not None and not callable(handler):
+            raise TypeError(f"{self!r}: exception handler must be callable, got {handler!r}")
+        self._exc_handler = handler
+
+    def _report(self, exc: BaseException, origin: object) -> None:
+        handler = self._exc_handler
+        if handler is not None:
+            try:
+                handler(self, exc, origin)
+                return
+            except Exception as handler_exc:
+                logger.error(
+                    "exception handler %r of %r failed", handler, self, exc_info=handler_exc
+                )
+        name = getattr(origin, "__qualname__", None) or repr(origin)
+        logger.error("unhandled exception in %s (%r)", name, self, exc_info=exc)
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the counters since the context was created. Thread: any."""
+        return {
+            "polls": self._polls,
+            "notify_writes": self._notify_writes,
+            "bh_calls": self._bh_calls,
+            "co_entered": self._co_entered,
+            "co_scheduled": self._co_scheduled,
+            "timers_fired": self._timers_fired,
+            "fd_events": self._fd_events,
+        }
+
+    # -- home thread ---------------------------------------------------------
+
+    def _check_home(self, what: str) -> None:
+        if threading.get_ident() != self._thread:
+            raise RuntimeError(
+                f"{self!r}.{what}() called from thread "
+                f"{threading.current_thread().name!r}; only its home thread may"
+            )
+
+    def _check_poll(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"cannot poll {self!r}: it is closed")
+        if threading.get_ident() != self._thread:
+            self._check_home("poll")
+        if getattr(getcurrent(), "co", None) is not None:
+            raise RuntimeError(
+                f"{self!r}.poll() called inside {current_coroutine()!r}; a coroutine "
+                "waits by yielding (join(), sleep(), locks), not by polling"
+            )
+
+    def poll(self, blocking: bool = True) -> bool:
+        """Run ready work once; return True if anything but housekeeping ran (aio_poll).
+
+        With blocking=True, first wait until there is something to do.
+        Thread: home, outside coroutines.
+        """
+        self._check_poll()
+        return self._pass(None if blocking else 0.0)
+
+    def _has_work(self) -> bool:
+        return bool(self._calls or self._sched_q or self._bh_q or self._timers.inbox)
+
+    def _pass(self, timeout: float | None) -> bool:
+        """One full iteration of the loop: the only place where work runs.
+
+        `timeout`: how long to wait for work at most (None: no limit; 0:
+        do not wait).
+        """
+        self._polls += 1
+        timers = self._timers
+        if timers.inbox:
+            timers.apply_inbox()
+        if timeout != 0:
+            if self._notified or self._has_work():
+                timeout = 0.0
+            else:
+                # Announce that we may sleep, then look again.
+                # Pairs with notify(): see there.
+                self._notify_me = True
+                if self._notified or self._has_work():
+                    timeout = 0.0
+                else:
+                    deadline = timers.deadline()
+                    if deadline is not None:
+                        wait = max(deadline - _time.monotonic(), 0.0)
+                        if timeout is None or wait < timeout:
+                            timeout = wait
+                    if self._idle_q and (timeout is None or timeout > IDLE_BH_DELAY):
+                        timeout = IDLE_BH_DELAY
+        events = self._poller.poll(timeout)
+        self._notify_me = False
+        # Accept the notification before looking at the queues: whatever is
+        # published from now on sets _notified again (QEMU: aio_notify_accept).
+        self._notified = False
+
+        progress = False
+        ready = None
+        if events:
+            for fd, mask in events:
+                if fd == self._notify_fd:
+                    self._notifier.test_and_clear()
+                    # Pairs with notify(): the eventfd is clear before a
+                    # new writer may arm it again.
+                    self._event_armed.release()
+                elif ready is None:
+                    ready = [(fd, mask)]
+                else:
+                    ready.append((fd, mask))
+
+        if timers.inbox:
+            timers.apply_inbox()
+        if self._calls and self._run_calls():
+            progress = True
+        if self._bh_q and self._run_bhs(self._bh_q):
+            progress = True
+        if self._idle_q:
+            self._run_bhs(self._idle_q)
+        if self._sched_q:
+            self._run_scheduled()
+            progress = True
+        if ready is not None and self._dispatch(ready):
+            progress = True
+        if timers._heap:
+            n = timers.run_expired(_time.monotonic())
+            if n:
+                self._timers_fired += n
+                progress = True
+        return progress
+
+    def _run_calls(self) -> bool:
+        calls = self._calls
+        ran = 0
+        for _ in range(len(calls)):
+            try:
+                cb, args = calls.popleft()
+            except IndexError:
+                break  # a nested poll() ran the rest
+            ran += 1
+            try:
+                cb(*args)
+            except Exception as exc:
+                self._bh_calls += ran
+                ran = 0
+                self._report(exc, cb)
+        self._bh_calls += ran
+        return True
+
+    def _run_bhs(self, queue: deque[BottomHalf]) -> bool:
+        progress = False
+        for _ in range(len(queue)):
+            try:
+                bh = queue.popleft()
+            except IndexError:
+                break
+            # Pairs with BottomHalf._enqueue: release first, then read the
+            # mode; see bh.py for why no schedule is lost.
+            bh._queued.release()
+            mode = bh._mode
+            if not mode:
+                continue  # cancelled or deleted
+            bh._mode = 0
+            if mode == SCHEDULED:
+                progress = True
+            self._bh_calls += 1
+            try:
+                bh._cb(*bh._args)
+            except Exception as exc:
+                self._report(exc, bh._cb)
+        return progress
+
+    def _run_scheduled(self) -> None:
+        q = self._sched_q
+        for _ in range(len(q)):
+            try:
+                co = q.popleft()
+            except IndexError:
+                break
+            self._co_scheduled += 1
+            co._sched_where = None
+            # Pairs with schedule(): from here on a producer may schedule
+            # co again, even before it yields (it is entered after that).
+            co._sched.release()
+            if co.done:
+                self._report(
+                    RuntimeError(f"{co!r} was scheduled on {self!r} but finished first"), co
+                )
+                continue
+            _enter(self, co, explicit=False)
+
+    def _dispatch(self, ready: list[tuple[int, int]]) -> bool:
+        ran = False
+        fds = self._fds
+        for fd, mask in ready:
+            handlers = fds.get(fd)
+            if handlers is None:
+                continue
+            if mask & READ:
+                h = handlers[0]
+                if h is not None:
+                    ran = True
+                    self._fd_events += 1
+                    try:
+                        h[0](*h[1])
+                    except Exception as exc:
+                        self._report(exc, h[0])
+            if mask & WRITE:
+                # Re-read: the reader may have removed or replaced the writer.
+                h = handlers[1] if fds.get(fd) is handlers else None
+                if h is not None:
+                    ran = True
+                    self._fd_events += 1
+                    try:
+                        h[0](*h[1])
+                    except Exception as exc:
+                        self._report(exc, h[0])
+        return ran
+
+    def _set_handler(self, fd: Any, index: int, handler: Handler | None, what: str) -> bool:
+        self._check_home(what)
+        if self._closed:
+            raise RuntimeError(f"cannot {what}() on {self!r}: it is closed")
+        n = fileno_of(fd)
+        if n == self._notify_fd:
+            raise ValueError(f"{self!r}: fd {n} is the context's own notifier")
+        handlers = self._fds.get(n)
+        if handlers is None:
+            if handler is None:
+                return False
+            handlers = self._fds[n] = [None, None]
+        had = handlers[index] is not None
+        handlers[index] = handler
+        events = (READ if handlers[0] is not None else 0) | (
+            WRITE if handlers[1] is not None else 0
+        )
+        if not events:
+            del self._fds[n]
+        self._poller.set(n, events)
+        return had
+
+    def add_reader(self, fd: Any, cb: Callable[..., Any], /, *args: Any) -> None:
+        """Call cb(*args) whenever fd is readable; replaces an earlier reader. Thread: home."""
+        if not callable(cb):
+            raise TypeError(f"{self!r}.add_reader(): callback {cb!r} is not callable")
+        self._set_handler(fd, 0, (cb, args), "add_reader")
+
+    def add_writer(self, fd: Any, cb: Callable[..., Any], /, *args: Any) -> None:
+        """Call cb(*args) whenever fd is writable; replaces an earlier writer. Thread: home."""
+        if not callable(cb):
+            raise TypeError(f"{self!r}.add_writer(): callback {cb!r} is not callable")
+        self._set_handler(fd, 1, (cb, args), "add_writer")
+
+    def remove_reader(self, fd: Any) -> bool:
+        """Remove the reader of fd; return whether there was one. Thread: home."""
+        return self._set_handler(fd, 0, None, "remove_reader")
+
+    def remove_writer(self, fd: Any) -> bool:
+        """Remove the writer of fd; return whether there was one. Thread: home."""
+        return self._set_handler(fd, 1, None, "remove_writer")
+
+    def close(self) -> None:
+        """Run what is queued, then release the context's resources. Idempotent.
+
+        Coroutines still suspended are reported with a ResourceWarning.
+        Afterwards every call that would queue work here raises. Thread: home,
+        outside coroutines.
+        """
+        if self._closed or self._closing:
+            return
+        self._check_home("close")
+        if getattr(getcurrent(), "co", None) is not None:
+            raise RuntimeError(f"{self!r}.close() called inside {current_coroutine()!r}")
+        self._closing = True
+        with self._close_lock:
+            try:
+                while self._has_work() or self._idle_q:
+                    self._pass(0.0)
+                # From here producers on other threads raise (or take their
+                # item back in _late); one more drain runs what they
+                # appended before they could see it.
+                self._closed = True
+                while self._has_work() or self._idle_q:
+                    self._pass(0.0)
+            finally:
+                self._closed = True
+                self._release_resources()
+        suspended = [co for co in self._live if not co.done]
+        self._live.clear()
+        if suspended:
+            names = ", ".join(sorted(co.name for co in suspended))
+            warnings.warn(
+                f"{self!r} closed with {len(suspended)} suspended coroutine(s): {names}",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+    def _release_resources(self) -> None:
+        if _thread._tls.ctx is self:
+            _thread._tls.ctx = None
+        self._fds.clear()
+        self._poller.close()
+        with self._write_lock:
+            self._notifier.close()
+
+
+def _defer(me: Coroutine[Any], co: Coroutine[Any]) -> None:
+    """Queue `co` to be entered after `me`, the running coroutine, yields.
+
+    QEMU: the co_queue_wakeup half of aio_co_enter. Thread: home.
+    """
+    if me is co:
+        raise RuntimeError(f"{co!r} cannot wake itself")
+    co._check_enterable("wake", me._thread)
+    if not co._sched.acquire(False):
+        raise RuntimeError(f"{co!r} is already scheduled in {co._sched_where!r}")
+    co._sched_where = f"the wake-up queue of {me.name!r}"
+    wakeups = me._wakeups
+    if wakeups is None:
+        me._wakeups = [co]
+    else:
+        wakeups.append(co)
+
+
+def wake(co: Coroutine[Any]) -> None:
+    """Restart `co` on its home context (aio_co_wake). Thread: any.
+
+    From another thread this schedules it there; on the home thread it is
+    `co.ctx.enter(co)`. A coroutine with no context can only be woken from
+    the thread it is bound to.
+    """
+    ctx = co.ctx
+    if ctx is not None:
+        ctx.enter(co)
+        return
+    ident = threading.get_ident()
+    if co._thread != ident:
+        raise RuntimeError(
+            f"cannot wake {co!r}: it has no home context, and it is not bound to the "
+            "calling thread; schedule it on a context instead"
+        )
+    me = current_coroutine()
+    if me is None:
+        co._check_enterable("wake", ident)
+        _enter(None, co, explicit=False)
+    else:
+        _defer(me, co)
+
+
+def current_context() -> AioContext | None:
+    """The open context owned by the calling thread, or None. Thread: any."""
+    return _thread._tls.ctx

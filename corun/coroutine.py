@@ -1,0 +1,417 @@
+"""Coroutines: greenlets with a home AioContext.
+
+QEMU: util/qemu-coroutine.c (create, enter, yield, self, entered) and the
+coroutine half of util/async.c (`qemu_aio_coroutine_enter`).
+
+A `Coroutine` is a little state around a greenlet. The greenlet is created
+lazily, by the first `enter`, in the thread that enters it: greenlet refuses
+to start (or ever switch to) a greenlet from another thread, so that first
+enter binds the coroutine to its thread for life.
+
+Entering sets the coroutine's `_caller` to the greenlet that entered it;
+`yield_()` switches back there. When a coroutine wakes another coroutine of
+its own context, the wake is not a nested enter: it is appended to the
+waker's `_wakeups` list, and `_enter()` runs that list, depth first, after
+the waker yields or finishes (QEMU's `co_queue_wakeup`). So chains of wakes
+never recurse, however long they are.
+
+`scheduled` is a `threading.Lock` used as an atomic test-and-set flag: it is
+held while the coroutine sits in a context's scheduled list, in a waker's
+`_wakeups` list, or sleeps. Whoever acquires it owns the one pending entry
+of the coroutine; whoever takes the coroutine out releases it just before
+entering it. That is what makes double scheduling a clean error instead of
+a double enter.
+
+Threads: a coroutine runs only in the thread it is bound to. `enter()` is
+called from that thread (or any thread for a new coroutine); the attributes
+are readable from any thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from greenlet import getcurrent, greenlet
+
+from . import _thread
+
+if TYPE_CHECKING:
+    from .context import AioContext
+
+T = TypeVar("T")
+
+logger = logging.getLogger("corun")
+
+# Numbers for default names only; never read back.
+_names = itertools.count(1)
+
+# Creating a coroutine's list of join waiters happens at most once per
+# coroutine and only on the join path; this lock makes the lazy creation
+# atomic. It is never held across a switch, a wake or a syscall.
+_waiters_lock = threading.Lock()
+
+
+class _CoGreenlet(greenlet):
+    """The greenlet of a corun coroutine; `co` points back to it."""
+
+    __slots__ = ("co",)
+    co: Coroutine[Any]
+
+
+def _describe_thread(ident: int | None) -> str:
+    for thread in threading.enumerate():
+        if thread.ident == ident:
+            return repr(thread.name)
+    return f"#{ident}"
+
+
+class Coroutine(Generic[T]):
+    """A coroutine that will run `fn(*args, **kwargs)`; creating it does not run it.
+
+    Thread: any.
+    """
+
+    __slots__ = (
+        "name",
+        "ctx",
+        "done",
+        "_fn",
+        "_args",
+        "_kwargs",
+        "_greenlet",
+        "_thread",
+        "_caller",
+        "_sched",
+        "_sched_where",
+        "_wakeups",
+        "_live_in",
+        "_result",
+        "_exc",
+        "_exc_owned",
+        "_waiters",
+    )
+
+    def __init__(
+        self, fn: Callable[..., T], /, *args: Any, name: str | None = None, **kwargs: Any
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"Coroutine() needs a callable, got {fn!r}")
+        if name is None:
+            name = f"{getattr(fn, '__qualname__', type(fn).__name__)}-{next(_names)}"
+        self.name: str = name
+        # Home context: set by schedule() before the first enter, and by every enter.
+        self.ctx: AioContext | None = None
+        self.done: bool = False
+        self._fn: Callable[..., T] | None = fn
+        self._args = args
+        self._kwargs = kwargs
+        self._greenlet: _CoGreenlet | None = None
+        self._thread: int | None = None  # ident of the thread it is bound to
+        # The greenlet that entered it; not None exactly while entered.
+        self._caller: greenlet | None = None
+        # Held while scheduled (see the module docstring); _sched_where says where.
+        self._sched = threading.Lock()
+        self._sched_where: object = None
+        # Coroutines this one woke on its own context, to enter after it yields.
+        self._wakeups: list[Coroutine[Any]] | None = None
+        # The context whose `_live` set holds it while it has started but not finished.
+        self._live_in: AioContext | None = None
+        self._result: T | None = None
+        self._exc: BaseException | None = None
+        # True when someone takes the exception itself (run(), call_sync()),
+        # so it does not also go to the exception handler.
+        self._exc_owned = False
+        self._waiters: list[Any] | None = None
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def entered(self) -> bool:
+        """True while running, or while it has entered a coroutine that runs. Thread: any."""
+        return self._caller is not None
+
+    @property
+    def scheduled(self) -> bool:
+        """True while queued to be entered by a loop, or sleeping. Thread: any."""
+        return self._sched.locked()
+
+    def _state(self) -> str:
+        if self.done:
+            return "done"
+        if self._sched.locked():
+            return "scheduled"
+        if self._caller is not None:
+            return "running"
+        if self._greenlet is None:
+            return "new"
+        return "suspended"
+
+    def __repr__(self) -> str:
+        ctx = self.ctx
+        where = f" ctx={ctx.name!r}" if ctx is not None else ""
+        return f"<Coroutine {self.name!r} {self._state()}{where}>"
+
+    # -- entering ----------------------------------------------------------
+
+    def _check_enterable(self, action: str, ident: int | None) -> None:
+        """Raise if this coroutine may not be entered by thread `ident` now."""
+        if self.done:
+            raise RuntimeError(f"cannot {action} {self!r}: it has finished")
+        if self._sched.locked():
+            raise RuntimeError(
+                f"cannot {action} {self!r}: it is already scheduled in {self._sched_where!r}"
+            )
+        if self._caller is not None:
+            raise RuntimeError(f"cannot {action} {self!r}: it is running (re-entered recursively)")
+        if self._thread is not None and ident is not None and self._thread != ident:
+            raise RuntimeError(
+                f"cannot {action} {self!r} in thread {_describe_thread(ident)}: it is "
+                f"bound to thread {_describe_thread(self._thread)}"
+            )
+
+    def enter(self) -> None:
+        """Run the coroutine in the calling thread until it yields or finishes.
+
+        Re-raises the exception that finishes it. The first enter binds it to
+        the calling thread. QEMU: qemu_coroutine_enter. Thread: the coroutine's
+        own (any, for a new coroutine).
+        """
+        self._check_enterable("enter", threading.get_ident())
+        _enter(_thread._tls.ctx, self, explicit=True)
+
+    def _bind(self, ctx: AioContext | None) -> _CoGreenlet:
+        g = _CoGreenlet(self._body)
+        g.co = self
+        self._greenlet = g
+        self._thread = threading.get_ident()
+        return g
+
+    def _body(self) -> None:
+        fn = self._fn
+        assert fn is not None
+        try:
+            self._result = fn(*self._args, **self._kwargs)
+        except Exception as exc:
+            self._exc = exc
+        except BaseException as exc:
+            # KeyboardInterrupt, SystemExit, GreenletExit: never swallowed; they
+            # propagate to whoever entered us, and the coroutine is done.
+            self._exc = exc
+            self._exc_owned = True
+            self._finish()
+            raise
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        self._caller = None
+        self._fn = None
+        self._args = ()
+        self._kwargs = {}
+        self._greenlet = None  # break the cycle coroutine <-> greenlet
+        live_in = self._live_in
+        if live_in is not None:
+            self._live_in = None
+            live_in._live.discard(self)
+        # Pairs with join(): done is stored before the waiters are read, and a
+        # joiner stores its waiter before it reads done, so at least one side
+        # sees the other; Waiter.fire/cancel decide who wins.
+        waiters = self._waiters
+        if waiters:
+            while True:
+                try:
+                    waiter = waiters.pop()
+                except IndexError:
+                    break
+                waiter.fire()
+
+    # -- results -----------------------------------------------------------
+
+    def result(self) -> T:
+        """The return value, or raise the exception, of a finished coroutine. Thread: any."""
+        if not self.done:
+            raise RuntimeError(f"{self!r} has not finished")
+        if self._exc is not None:
+            raise self._exc
+        return self._result  # type: ignore[return-value]
+
+    def exception(self) -> BaseException | None:
+        """The exception a finished coroutine raised, or None. Thread: any."""
+        if not self.done:
+            raise RuntimeError(f"{self!r} has not finished")
+        return self._exc
+
+    def _add_waiter(self, waiter: Any) -> None:
+        waiters = self._waiters
+        if waiters is None:
+            with _waiters_lock:
+                if self._waiters is None:
+                    self._waiters = []
+                waiters = self._waiters
+        waiters.append(waiter)
+
+    def join(self, timeout: float | None = None) -> T:
+        """Wait until the coroutine is done; return its result or raise its exception.
+
+        In a coroutine this yields; in a plain thread it blocks, except in the
+        thread that owns `self.ctx`, which runs that context's loop meanwhile.
+        TimeoutError after `timeout` seconds. Thread: any.
+        """
+        from .waiter import Waiter
+
+        if self.done:
+            return self.result()
+        me = current_coroutine()
+        if me is self:
+            raise RuntimeError(f"{self!r} cannot join itself")
+        ident = threading.get_ident()
+        if me is not None:
+            waiter = Waiter(me)
+        else:
+            ctx = _thread._tls.ctx
+            if ctx is not None and (self.ctx is ctx or self._thread == ident):
+                return self._join_running_loop(ctx, timeout)
+            if self._thread == ident:
+                raise RuntimeError(
+                    f"joining {self!r} would deadlock: it is bound to this thread, "
+                    "which has no open context to run it"
+                )
+            waiter = Waiter(None)
+        self._add_waiter(waiter)
+        if not waiter.wait(timeout, lambda: self.done):
+            raise TimeoutError(f"{self!r} did not finish within {timeout} s")
+        return self.result()
+
+    def _join_running_loop(self, ctx: AioContext, timeout: float | None) -> T:
+        if timeout is None:
+            while not self.done:
+                ctx._check_poll()
+                ctx._pass(None)
+        else:
+            deadline = ctx.time() + timeout
+            while not self.done:
+                remaining = deadline - ctx.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"{self!r} did not finish within {timeout} s")
+                ctx._check_poll()
+                ctx._pass(remaining)
+        return self.result()
+
+
+def _report(ctx: AioContext | None, exc: BaseException, origin: object) -> None:
+    if ctx is not None:
+        ctx._report(exc, origin)
+    else:
+        logger.error("unhandled exception in %r", origin, exc_info=exc)
+
+
+def _enter(ctx: AioContext | None, co: Coroutine[Any], explicit: bool) -> None:
+    """Enter `co`, then every coroutine it woke on this thread, depth first.
+
+    QEMU: qemu_aio_coroutine_enter. The caller has checked that `co` may be
+    entered here and is not scheduled. Exceptions of coroutines other than
+    an explicitly entered `co` go to the context's exception handler.
+    Thread: the coroutine's.
+    """
+    current = getcurrent()
+    pending: deque[Coroutine[Any]] | None = None
+    failure: BaseException | None = None
+    to = co
+    while True:
+        g = to._greenlet
+        if g is None:
+            g = to._bind(ctx)
+        elif g.parent is not current:
+            g.parent = current
+        if to._live_in is not ctx:
+            _rehome(to, ctx)
+        to.ctx = ctx
+        to._caller = current
+        if ctx is not None:
+            ctx._co_entered += 1
+        try:
+            g.switch()
+        except BaseException:
+            _requeue(ctx, to, pending)
+            raise
+        if to.done:
+            exc = to._exc
+            if exc is not None and not to._exc_owned:
+                if explicit and to is co:
+                    failure = exc
+                else:
+                    _report(ctx, exc, to)
+        wakeups = to._wakeups
+        if wakeups is not None:
+            to._wakeups = None
+            if pending is None:
+                pending = deque(wakeups)
+            else:
+                pending.extendleft(reversed(wakeups))
+        if not pending:
+            break
+        to = pending.popleft()
+        to._sched_where = None
+        to._sched.release()
+    if failure is not None:
+        raise failure
+
+
+def _rehome(co: Coroutine[Any], ctx: AioContext | None) -> None:
+    old = co._live_in
+    if old is not None:
+        old._live.discard(co)
+    co._live_in = ctx
+    if ctx is not None:
+        ctx._live.add(co)
+
+
+def _requeue(
+    ctx: AioContext | None, failed: Coroutine[Any], pending: deque[Coroutine[Any]] | None
+) -> None:
+    """KeyboardInterrupt/SystemExit left `_enter`: keep the deferred wake-ups.
+
+    They stay scheduled (their `_sched` stays held) and move to the context's
+    scheduled list, so the loop enters them later and none is lost.
+    """
+    leftovers = list(failed._wakeups or ()) + list(pending or ())
+    failed._wakeups = None
+    if not leftovers:
+        return
+    if ctx is None:
+        logger.error("deferred wake-ups of %r lost: %r", failed, leftovers)
+        return
+    for co in leftovers:
+        co._sched_where = ctx
+        ctx._sched_q.append(co)
+    ctx.notify()
+
+
+def yield_() -> None:
+    """Suspend the current coroutine and return to whoever entered it.
+
+    Returns when the coroutine is entered or woken again. QEMU:
+    qemu_coroutine_yield. Coroutine only.
+    """
+    co: Coroutine[Any] | None = getattr(getcurrent(), "co", None)
+    if co is None:
+        raise RuntimeError("yield_() called outside a coroutine")
+    caller = co._caller
+    co._caller = None
+    assert caller is not None
+    caller.switch()
+
+
+def current_coroutine() -> Coroutine[Any] | None:
+    """The running Coroutine, or None outside coroutines. Thread: any."""
+    return getattr(getcurrent(), "co", None)
+
+
+def in_coroutine() -> bool:
+    """True inside a coroutine. Thread: any."""
+    return getattr(getcurrent(), "co", None) is not None

@@ -1,0 +1,188 @@
+"""Timers: callbacks that run in a context's thread at a deadline.
+
+QEMU: util/qemu-timer.c (timer_new, timer_mod, timer_del, timerlist_run_timers).
+
+Design. Each context keeps its armed timers in a heap of
+`(when, seq, timer)` entries owned by its home thread. `seq` comes from one
+counter per context, taken at every `mod()`/`cancel()`: it orders equal
+deadlines by their latest `mod()`, and it makes "the latest call wins"
+exact when calls come from several threads. A heap entry is live while
+`timer._entry` is that entry; re-arming or cancelling just replaces or
+clears `_entry` and the stale entry is dropped when it reaches the top
+(or when stale entries outnumber live ones).
+
+From the home thread `mod()`/`cancel()` act on the heap at once. From any
+other thread they append `(timer, when, seq)` to a lock-free inbox and
+notify the loop, which applies the inbox at the start of its next pass
+(pairs with `AioContext._pass`). `timer.when` and `timer.pending` are
+stored by the caller at once, so they read right in the calling thread.
+
+Threads: `mod`, `cancel`, `when`, `pending` from any thread; the callback
+runs in the context's thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable
+from heapq import heapify, heappop, heappush
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .context import AioContext
+
+_Entry = tuple[float, int, "Timer"]
+
+
+class Timer:
+    """A callback armed for a deadline on its context's `time()` clock. Thread: any."""
+
+    __slots__ = ("_ctx", "_cb", "_args", "_when", "_entry", "_seq")
+
+    def __init__(self, ctx: AioContext, cb: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        if not callable(cb):
+            raise TypeError(f"{ctx!r}.timer() needs a callable, got {cb!r}")
+        self._ctx = ctx
+        self._cb = cb
+        self._args = args
+        self._when: float | None = None
+        self._entry: _Entry | None = None
+        self._seq = -1  # seq of the latest mod()/cancel() applied to the heap
+
+    def __repr__(self) -> str:
+        name = getattr(self._cb, "__qualname__", repr(self._cb))
+        state = f"when={self._when:.6f}" if self._when is not None else "unarmed"
+        return f"<Timer {name} {state} ctx={self._ctx.name!r}>"
+
+    @property
+    def pending(self) -> bool:
+        """Whether the timer is armed. Thread: any."""
+        return self._when is not None
+
+    @property
+    def when(self) -> float | None:
+        """The deadline on the `ctx.time()` clock, or None. Thread: any."""
+        return self._when
+
+    def mod(self, when: float) -> None:
+        """(Re)arm to fire at `when` (timer_mod). Thread: any."""
+        when = float(when)
+        if when != when:
+            raise ValueError(f"{self!r}.mod(): deadline is NaN")
+        ctx = self._ctx
+        if ctx._closed:
+            raise RuntimeError(f"cannot arm {self!r}: {ctx!r} is closed")
+        ctx._timers.change(self, when)
+
+    def cancel(self) -> None:
+        """Disarm (timer_del); no effect if not armed. Thread: any."""
+        if not self._ctx._closed:
+            self._ctx._timers.change(self, None)
+        else:
+            self._when = None
+            self._entry = None
+
+
+class TimerList:
+    """The armed timers of one context. Thread: see each method."""
+
+    __slots__ = ("_ctx", "_heap", "_stale", "_seq", "inbox")
+
+    def __init__(self, ctx: AioContext) -> None:
+        self._ctx = ctx
+        self._heap: list[_Entry] = []
+        self._stale = 0
+        # next() on itertools.count is a single atomic operation.
+        self._seq = itertools.count()
+        # (timer, when or None, seq) from other threads; applied by the home thread.
+        self.inbox: deque[tuple[Timer, float | None, int]] = deque()
+
+    def change(self, timer: Timer, when: float | None) -> None:
+        """Arm (when) or disarm (None) `timer`. Thread: any."""
+        seq = next(self._seq)
+        timer._when = when
+        ctx = self._ctx
+        if threading.get_ident() == ctx._thread:
+            self._apply(timer, when, seq)
+            return
+        item = (timer, when, seq)
+        self.inbox.append(item)
+        # Pairs with AioContext._pass, which applies the inbox before it
+        # computes its timeout: the append is published before notify().
+        ctx.notify()
+        if ctx._closed:
+            ctx._late(self.inbox, item)
+
+    def _apply(self, timer: Timer, when: float | None, seq: int) -> None:
+        if seq < timer._seq:
+            return  # a later mod()/cancel() was applied already
+        timer._seq = seq
+        if timer._entry is not None:
+            self._stale += 1
+        if when is None:
+            timer._entry = None
+        else:
+            entry = (when, seq, timer)
+            timer._entry = entry
+            heappush(self._heap, entry)
+            if self._stale > 32 and self._stale * 2 > len(self._heap):
+                self._compact()
+        timer._when = when
+
+    def _compact(self) -> None:
+        self._heap = [e for e in self._heap if e[2]._entry is e]
+        heapify(self._heap)
+        self._stale = 0
+
+    def apply_inbox(self) -> None:
+        """Apply what other threads asked for, in their order. Thread: home."""
+        inbox = self.inbox
+        for _ in range(len(inbox)):
+            try:
+                timer, when, seq = inbox.popleft()
+            except IndexError:
+                break
+            self._apply(timer, when, seq)
+
+    def deadline(self) -> float | None:
+        """The earliest live deadline, or None. Thread: home."""
+        heap = self._heap
+        while heap:
+            entry = heap[0]
+            if entry[2]._entry is entry:
+                return entry[0]
+            heappop(heap)
+            self._stale -= 1
+        return None
+
+    def run_expired(self, now: float) -> int:
+        """Run the timers due at `now`; return how many ran. Thread: home.
+
+        A timer armed during this call (a callback re-arming itself for
+        `now` or earlier) waits for the next pass, so a pass always ends.
+        """
+        heap = self._heap
+        if not heap or heap[0][0] > now:
+            return 0
+        marker = next(self._seq)
+        ran = 0
+        ctx = self._ctx
+        while heap:
+            entry = heap[0]
+            if entry[0] > now or entry[1] > marker:
+                break
+            heappop(heap)
+            timer = entry[2]
+            if timer._entry is not entry:
+                self._stale -= 1
+                continue
+            timer._entry = None
+            timer._when = None
+            ran += 1
+            try:
+                timer._cb(*timer._args)
+            except Exception as exc:
+                ctx._report(exc, timer._cb)
+        return ran
