@@ -1,16 +1,26 @@
 """corun: QEMU's coroutines and AioContext event loops for Python, on greenlets."""
 
 from .bh import BottomHalf
+from .comutex import CoMutex
 from .context import AioContext, current_context, wake
+from .coqueue import CoQueue
 from .coroutine import Coroutine, current_coroutine, in_coroutine, yield_
+from .corwlock import CoRwLock
+from .fdwait import wait_readable, wait_writable
 from .iothread import IOThread
 from .notifier import EventNotifier
 from .run import run
+from .sleep import CoSleep, sleep
+from .threadpool import run_in_thread
 from .timer import Timer
 
 __all__ = [
     "AioContext",
     "BottomHalf",
+    "CoMutex",
+    "CoQueue",
+    "CoRwLock",
+    "CoSleep",
     "Coroutine",
     "EventNotifier",
     "IOThread",
@@ -19,6 +29,10 @@ __all__ = [
     "current_coroutine",
     "in_coroutine",
     "run",
+    "run_in_thread",
+    "sleep",
+    "wait_readable",
+    "wait_writable",
     "wake",
     "yield_",
 ]

@@ -32,6 +32,7 @@ import time as _time
 import warnings
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -102,6 +103,7 @@ class AioContext:
         # Coroutines that started here and have not finished (for close()).
         self._live: set[Coroutine[Any]] = set()
         self._exc_handler: ExceptionHandler | None = None
+        self._thread_pool: ThreadPoolExecutor | None = None
 
         # Counters: written by the home thread only, except notify_writes,
         # which is written only while holding _event_armed.
@@ -595,7 +597,22 @@ class AioContext:
                 stacklevel=2,
             )
 
+    def _get_thread_pool(self) -> ThreadPoolExecutor:
+        """This context's worker pool for run_in_thread(), made on first use. Thread: home."""
+        pool = self._thread_pool
+        if pool is None:
+            self._check_home("run_in_thread")
+            if self._closed:
+                raise RuntimeError(f"cannot run_in_thread() on {self!r}: it is closed")
+            pool = self._thread_pool = ThreadPoolExecutor(thread_name_prefix=f"{self.name}-worker")
+        return pool
+
     def _release_resources(self) -> None:
+        pool = self._thread_pool
+        if pool is not None:
+            # Workers still running finish on their own; their wake-ups then
+            # find the context closed and are reported by concurrent.futures.
+            pool.shutdown(wait=False)
         if _thread._tls.ctx is self:
             _thread._tls.ctx = None
         self._fds.clear()

@@ -94,6 +94,7 @@ class Coroutine(Generic[T]):
         "_exc",
         "_exc_owned",
         "_waiters",
+        "_held",
     )
 
     def __init__(
@@ -127,6 +128,10 @@ class Coroutine(Generic[T]):
         # so it does not also go to the exception handler.
         self._exc_owned = False
         self._waiters: list[Any] | None = None
+        # The latest CoMutex it holds, the head of a chain through
+        # CoMutex._next_held, so that finishing while holding one is reported
+        # instead of leaking the lock silently.
+        self._held: Any = None
 
     # -- state -------------------------------------------------------------
 
@@ -218,6 +223,18 @@ class Coroutine(Generic[T]):
         if live_in is not None:
             self._live_in = None
             live_in._live.discard(self)
+        if self._held is not None:
+            from .comutex import held_by
+
+            held = ", ".join(repr(m) for m in held_by(self))
+            _report(
+                self.ctx,
+                RuntimeError(
+                    f"{self!r} finished while holding {held}; it stays locked (release "
+                    "it in a finally block or use `with`)"
+                ),
+                self,
+            )
         # Pairs with join(): done is stored before the waiters are read, and a
         # joiner stores its waiter before it reads done, so at least one side
         # sees the other; Waiter.fire/cancel decide who wins.
