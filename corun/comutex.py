@@ -133,7 +133,7 @@ class CoMutex:
     def acquire(self) -> None:
         """Lock the mutex, yielding while another coroutine holds it. Coroutine only."""
         try:
-            co: Coroutine[Any] = getcurrent().co
+            co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
         except AttributeError:
             raise RuntimeError(f"{self!r}.acquire() called outside a coroutine") from None
         if self.holder is co:
@@ -180,7 +180,7 @@ class CoMutex:
     def release(self) -> None:
         """Unlock, handing the mutex to the first waiter if any. Coroutine only (holder)."""
         try:
-            co: Coroutine[Any] = getcurrent().co
+            co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
         except AttributeError:
             raise RuntimeError(f"{self!r}.release() called outside a coroutine") from None
         if self.holder is not co:
