@@ -40,7 +40,7 @@ from greenlet import getcurrent
 
 from . import _thread
 from .bh import SCHEDULED, BottomHalf
-from .coroutine import Coroutine, _enter, current_coroutine
+from .coroutine import Coroutine, _enter, _settle, _switch_in, current_coroutine
 from .fdhandler import READ, WRITE, Handler, fileno_of, make_poller
 from .notifier import EventNotifier
 from .timer import Timer, TimerList
@@ -51,6 +51,8 @@ logger = logging.getLogger("corun")
 
 # Numbers for default names only; never read back.
 _ctx_names = itertools.count(1)
+
+_get_ident = threading.get_ident
 
 # How long idle bottom halves may wait (QEMU: 10 ms in aio_compute_timeout).
 IDLE_BH_DELAY = 0.010
@@ -209,15 +211,16 @@ class AioContext:
         context: queue `co` to be entered right after the current coroutine
         yields or finishes. Otherwise: enter it now.
         """
-        if _thread._tls.ctx is not self:
+        # "Not the caller's context": another thread, or closed.
+        if _get_ident() != self._thread or self._closed:
             self.schedule(co)
             return
-        me = current_coroutine()
+        me = getattr(getcurrent(), "co", None)
         if me is None:
             co._check_enterable("enter", self._thread)
             _enter(self, co, explicit=False)
-            return
-        _defer(me, co)
+        else:
+            _defer(me, co)
 
     def spawn(
         self, fn: Callable[..., T], /, *args: Any, name: str | None = None, **kwargs: Any
@@ -417,8 +420,9 @@ class AioContext:
             progress = True
         if self._bh_q and self._run_bhs(self._bh_q):
             progress = True
-        if self._idle_q:
-            self._run_bhs(self._idle_q)
+        # An idle BH that was upgraded by schedule() while queued counts.
+        if self._idle_q and self._run_bhs(self._idle_q):
+            progress = True
         if self._sched_q:
             self._run_scheduled()
             progress = True
@@ -473,7 +477,9 @@ class AioContext:
         return progress
 
     def _run_scheduled(self) -> None:
+        """QEMU's co_schedule_bh_cb: enter what was scheduled, in FIFO order."""
         q = self._sched_q
+        current = getcurrent()
         for _ in range(len(q)):
             try:
                 co = q.popleft()
@@ -489,7 +495,9 @@ class AioContext:
                     RuntimeError(f"{co!r} was scheduled on {self!r} but finished first"), co
                 )
                 continue
-            _enter(self, co, explicit=False)
+            _switch_in(self, co, current)
+            if co.done or co._wakeups is not None:
+                _settle(self, co, current, False)
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> bool:
         ran = False
@@ -530,15 +538,20 @@ class AioContext:
         if handlers is None:
             if handler is None:
                 return False
-            handlers = self._fds[n] = [None, None]
+            handlers = [None, None]
         had = handlers[index] is not None
-        handlers[index] = handler
-        events = (READ if handlers[0] is not None else 0) | (
-            WRITE if handlers[1] is not None else 0
+        other = handlers[1 - index]
+        events = (READ if (handler if index == 0 else other) is not None else 0) | (
+            WRITE if (handler if index == 1 else other) is not None else 0
         )
-        if not events:
-            del self._fds[n]
+        # Poller first: if it rejects the fd (closed, a regular file), the
+        # handler table stays as it was and no ghost handler is left behind.
         self._poller.set(n, events)
+        handlers[index] = handler
+        if events:
+            self._fds[n] = handlers
+        else:
+            del self._fds[n]
         return had
 
     def add_reader(self, fd: Any, cb: Callable[..., Any], /, *args: Any) -> None:

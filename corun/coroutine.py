@@ -77,7 +77,8 @@ class Coroutine(Generic[T]):
     """
 
     __slots__ = (
-        "name",
+        "_name",
+        "_number",
         "ctx",
         "done",
         "_fn",
@@ -102,15 +103,17 @@ class Coroutine(Generic[T]):
     ) -> None:
         if not callable(fn):
             raise TypeError(f"Coroutine() needs a callable, got {fn!r}")
-        if name is None:
-            name = f"{getattr(fn, '__qualname__', type(fn).__name__)}-{next(_names)}"
-        self.name: str = name
+        # The default name is built on demand from fn and a number: a
+        # suspended coroutine should cost little more than its greenlet.
+        self._name = name
+        self._number = next(_names) if name is None else 0
         # Home context: set by schedule() before the first enter, and by every enter.
         self.ctx: AioContext | None = None
         self.done: bool = False
-        self._fn: Callable[..., T] | None = fn
-        self._args = args
-        self._kwargs = kwargs
+        self._fn = fn
+        # Handed to fn at the first enter, then dropped.
+        self._args: tuple[Any, ...] = args
+        self._kwargs: dict[str, Any] | None = kwargs or None
         self._greenlet: _CoGreenlet | None = None
         self._thread: int | None = None  # ident of the thread it is bound to
         # The greenlet that entered it; not None exactly while entered.
@@ -134,6 +137,19 @@ class Coroutine(Generic[T]):
         self._held: Any = None
 
     # -- state -------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The name given at creation, or fn's qualified name and a number. Thread: any."""
+        name = self._name
+        if name is None:
+            fn = self._fn
+            return f"{getattr(fn, '__qualname__', type(fn).__name__)}-{self._number}"
+        return name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
 
     @property
     def entered(self) -> bool:
@@ -186,38 +202,55 @@ class Coroutine(Generic[T]):
         the calling thread. QEMU: qemu_coroutine_enter. Thread: the coroutine's
         own (any, for a new coroutine).
         """
-        self._check_enterable("enter", threading.get_ident())
-        _enter(_thread._tls.ctx, self, explicit=True)
+        g = self._greenlet
+        ctx = self._live_in
+        if (
+            g is None
+            or ctx is None
+            or ctx._closed
+            or self._caller is not None
+            or self._sched_where is not None
+            or self.done
+        ):
+            # The uncommon cases (first enter, no context, misuse).
+            self._check_enterable("enter", threading.get_ident())
+            _enter(_thread._tls.ctx, self, explicit=True)
+            return
+        current = getcurrent()
+        if g.parent is not current:
+            # Re-parent, or refuse a coroutine of another thread.
+            _enter(ctx, self, explicit=True)
+            return
+        # Fast path: suspended, of this thread (its parent is our greenlet),
+        # living in an open context, which is therefore this thread's.
+        self._caller = current
+        ctx._co_entered += 1
+        try:
+            result = g.switch()
+        except BaseException as exc:
+            _died_raising(ctx, self, exc)
+        else:
+            if g.dead:
+                self._finish(result, None)
+        if self.done or self._wakeups is not None:
+            _settle(ctx, self, current, explicit=True)
 
     def _bind(self, ctx: AioContext | None) -> _CoGreenlet:
-        g = _CoGreenlet(self._body)
+        # fn itself is the greenlet's run: no wrapper frame stays on the
+        # stack of a suspended coroutine. Its outcome is collected by
+        # _switch_in(), in whichever greenlet entered it last (its parent).
+        g = _CoGreenlet(self._fn)
         g.co = self
         self._greenlet = g
-        self._thread = threading.get_ident()
+        self._thread = ctx._thread if ctx is not None else threading.get_ident()
         return g
 
-    def _body(self) -> None:
-        fn = self._fn
-        assert fn is not None
-        try:
-            self._result = fn(*self._args, **self._kwargs)
-        except Exception as exc:
-            self._exc = exc
-        except BaseException as exc:
-            # KeyboardInterrupt, SystemExit, GreenletExit: never swallowed; they
-            # propagate to whoever entered us, and the coroutine is done.
-            self._exc = exc
-            self._exc_owned = True
-            self._finish()
-            raise
-        self._finish()
-
-    def _finish(self) -> None:
+    def _finish(self, result: Any, exc: BaseException | None) -> None:
+        """fn returned `result` or raised `exc`. Thread: the coroutine's."""
+        self._result = result
+        self._exc = exc
         self.done = True
         self._caller = None
-        self._fn = None
-        self._args = ()
-        self._kwargs = {}
         self._greenlet = None  # break the cycle coroutine <-> greenlet
         live_in = self._live_in
         if live_in is not None:
@@ -336,26 +369,70 @@ def _enter(ctx: AioContext | None, co: Coroutine[Any], explicit: bool) -> None:
     Thread: the coroutine's.
     """
     current = getcurrent()
+    _switch_in(ctx, co, current)
+    if co.done or co._wakeups is not None:
+        _settle(ctx, co, current, explicit)
+
+
+def _switch_in(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> None:
+    """Enter `to` once from `current`, until it yields or finishes."""
+    g = to._greenlet
+    if g is None:
+        g = to._bind(ctx)
+        args = to._args
+        kwargs = to._kwargs
+        to._args = ()
+        to._kwargs = None
+    else:
+        args = ()
+        kwargs = None
+        if g.parent is not current:
+            try:
+                g.parent = current
+            except ValueError:  # greenlet refuses a parent from another thread
+                to._check_enterable("enter", threading.get_ident())
+                raise
+    # Invariant: _live_in is ctx implies ctx is already the home context.
+    if to._live_in is not ctx:
+        _rehome(to, ctx)
+    to._caller = current
+    if ctx is not None:
+        ctx._co_entered += 1
+    try:
+        result = g.switch(*args, **kwargs) if kwargs else g.switch(*args)
+    except BaseException as exc:
+        _died_raising(ctx, to, exc)
+        return
+    if g.dead:
+        to._finish(result, None)
+
+
+def _died_raising(ctx: AioContext | None, co: Coroutine[Any], exc: BaseException) -> None:
+    """fn raised `exc` (a yield never raises, so the greenlet is dead)."""
+    if isinstance(exc, Exception):
+        co._finish(None, exc)
+        return
+    # KeyboardInterrupt, SystemExit, GreenletExit: never swallowed. The
+    # coroutine is done and whoever entered it sees the exception.
+    co._exc_owned = True
+    co._finish(None, exc)
+    _requeue(ctx, co, None)
+    raise exc
+
+
+def _settle(
+    ctx: AioContext | None, co: Coroutine[Any], current: greenlet, explicit: bool
+) -> None:
+    """`co` yielded or finished: deal with its exception, run what it woke.
+
+    Coroutines woken on their own context while another one ran are
+    entered now, depth first: those a coroutine woke run before those
+    queued earlier (QEMU's co_queue_wakeup order).
+    """
     pending: deque[Coroutine[Any]] | None = None
     failure: BaseException | None = None
     to = co
     while True:
-        g = to._greenlet
-        if g is None:
-            g = to._bind(ctx)
-        elif g.parent is not current:
-            g.parent = current
-        if to._live_in is not ctx:
-            _rehome(to, ctx)
-        to.ctx = ctx
-        to._caller = current
-        if ctx is not None:
-            ctx._co_entered += 1
-        try:
-            g.switch()
-        except BaseException:
-            _requeue(ctx, to, pending)
-            raise
         if to.done:
             exc = to._exc
             if exc is not None and not to._exc_owned:
@@ -375,6 +452,11 @@ def _enter(ctx: AioContext | None, co: Coroutine[Any], explicit: bool) -> None:
         to = pending.popleft()
         to._sched_where = None
         to._sched.release()
+        try:
+            _switch_in(ctx, to, current)
+        except BaseException:
+            _requeue(ctx, to, pending)
+            raise
     if failure is not None:
         raise failure
 
@@ -384,6 +466,7 @@ def _rehome(co: Coroutine[Any], ctx: AioContext | None) -> None:
     if old is not None:
         old._live.discard(co)
     co._live_in = ctx
+    co.ctx = ctx
     if ctx is not None:
         ctx._live.add(co)
 
@@ -415,13 +498,13 @@ def yield_() -> None:
     Returns when the coroutine is entered or woken again. QEMU:
     qemu_coroutine_yield. Coroutine only.
     """
-    co: Coroutine[Any] | None = getattr(getcurrent(), "co", None)
-    if co is None:
-        raise RuntimeError("yield_() called outside a coroutine")
+    try:
+        co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
+    except AttributeError:
+        raise RuntimeError("yield_() called outside a coroutine") from None
     caller = co._caller
     co._caller = None
-    assert caller is not None
-    caller.switch()
+    caller.switch()  # type: ignore[union-attr]
 
 
 def current_coroutine() -> Coroutine[Any] | None:
