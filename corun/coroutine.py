@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -54,6 +55,16 @@ _names = itertools.count(1)
 # coroutine and only on the join path; this lock makes the lazy creation
 # atomic. It is never held across a switch, a wake or a syscall.
 _waiters_lock = threading.Lock()
+
+
+def _reset_lock_after_fork() -> None:
+    # Another thread of the parent may have held it at fork time.
+    global _waiters_lock
+    _waiters_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
 class _CoGreenlet(greenlet):
