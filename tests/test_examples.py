@@ -29,5 +29,5 @@ def test_tour_prints_what_the_readme_shows() -> None:
     assert stats["co_entered"] == 2 and stats["co_scheduled"] == 2
     assert out[5] == "counter = 1000"
     readme = (ROOT / "README.md").read_text()
-    for line in out[:4] + [out[5].split(" = ")[0]]:
+    for line in [*out[:4], out[5].split(" = ")[0]]:
         assert line in readme
