@@ -149,10 +149,14 @@ class AioContext:
         """
         self._notified = True
         if self._notify_me and self._event_armed.acquire(False):
-            with self._write_lock:
-                if not self._closed:
-                    self._notifier.set()
-                    self._notify_writes += 1
+            self._write_event()
+
+    def _write_event(self) -> None:
+        """Write the eventfd; called only by the one holder of _event_armed."""
+        with self._write_lock:
+            if not self._closed:
+                self._notifier.set()
+                self._notify_writes += 1
 
     def _late(self, queue: deque[Any], item: Any) -> None:
         """A producer appended `item`, then saw the context closed.
@@ -198,9 +202,12 @@ class AioContext:
         co._sched_where = self
         co.ctx = self
         q = self._sched_q
-        # Publish, then notify: pairs with _pass() (see notify()).
+        # Publish, then notify (inlined: this is the hot path): pairs with
+        # _pass(), see notify().
         q.append(co)
-        self.notify()
+        self._notified = True
+        if self._notify_me and self._event_armed.acquire(False):
+            self._write_event()
         if self._closed:
             self._late(q, co)
 
@@ -237,7 +244,10 @@ class AioContext:
         item = (cb, args)
         q = self._calls
         q.append(item)
-        self.notify()
+        # notify(), inlined as in schedule().
+        self._notified = True
+        if self._notify_me and self._event_armed.acquire(False):
+            self._write_event()
         if self._closed:
             self._late(q, item)
 

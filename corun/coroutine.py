@@ -289,7 +289,12 @@ class Coroutine(Generic[T]):
                     waiter = waiters.pop()
                 except IndexError:
                     break
-                waiter.fire()
+                try:
+                    waiter.fire()
+                except Exception as exc:
+                    # The joiner cannot be woken (its context is closed): say
+                    # so, but never let it escape into the loop running us.
+                    _report(self.ctx, exc, self)
 
     # -- results -----------------------------------------------------------
 

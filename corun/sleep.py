@@ -48,9 +48,13 @@ def _take_sched(co: Coroutine[Any], where: object) -> None:
     co._sched_where = where
 
 
-def _drop_sched_and_wake(co: Coroutine[Any]) -> None:
+def _drop_sched(co: Coroutine[Any]) -> None:
     co._sched_where = None
     co._sched.release()
+
+
+def _drop_sched_and_wake(co: Coroutine[Any]) -> None:
+    _drop_sched(co)
     wake(co)
 
 
@@ -65,7 +69,11 @@ def sleep(seconds: float) -> None:
         yield_()
         return
     _take_sched(co, "sleep()")
-    ctx.call_later(seconds, _drop_sched_and_wake, co)
+    try:
+        ctx.call_later(seconds, _drop_sched_and_wake, co)
+    except BaseException:
+        _drop_sched(co)  # no timer (bad `seconds`, closed context): not asleep
+        raise
     yield_()
 
 
@@ -102,7 +110,11 @@ class CoSleep:
             raise RuntimeError(f"{co!r}: {self!r} already has a sleeper")
         _take_sched(co, self)
         nap = _Nap(co)
-        timer = ctx.call_later(max(seconds, 0.0), nap.end)
+        try:
+            timer = ctx.call_later(max(seconds, 0.0), nap.end)
+        except BaseException:
+            _drop_sched(co)  # no timer (bad `seconds`, closed context): not asleep
+            raise
         # Published after the flag is taken: pairs with wake(), which can
         # only end a nap it can see.
         self._nap = nap

@@ -4,10 +4,13 @@ QEMU: util/thread-pool.c (thread_pool_submit_co).
 
 Design. Each context owns a bounded `concurrent.futures.ThreadPoolExecutor`,
 created on first use by its home thread and shut down when the context
-closes. The coroutine submits the call, attaches a one-shot Waiter to the
-future and yields; the worker's completion fires the Waiter, which wakes
-the coroutine on its home context. Its result or exception is then
-returned or raised in the coroutine.
+closes. The coroutine submits the call, attaches a completion callback to
+the future and yields; the callback queues the wake-up on the home
+context's loop (QEMU's completion bottom half), which restarts the
+coroutine. Its result or exception is then returned or raised in the
+coroutine. Like thread_pool_submit_co, the coroutine always yields, even
+when `fn` finished before the callback was attached (the callback then
+runs inline, and the loop can only run the wake-up after we yielded).
 
 Threads: coroutines only.
 """
@@ -20,7 +23,8 @@ from typing import Any, TypeVar
 
 from greenlet import getcurrent
 
-from .waiter import Waiter
+from .context import wake
+from .coroutine import yield_
 
 T = TypeVar("T")
 
@@ -37,7 +41,8 @@ def run_in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     if ctx is None:
         raise RuntimeError(f"run_in_thread() needs a context: {co!r} has none")
     future: Future[T] = ctx._get_thread_pool().submit(fn, *args, **kwargs)
-    waiter = Waiter(co)
-    future.add_done_callback(lambda _: waiter.fire())
-    waiter.wait()
+    # Runs in the worker, or inline here if fn is already done; either way
+    # the home thread's loop enters us only after the yield below.
+    future.add_done_callback(lambda _: ctx.call_soon(wake, co))
+    yield_()
     return future.result()
