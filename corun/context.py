@@ -3,15 +3,15 @@
 QEMU: util/async.c (aio_notify, aio_co_schedule, co_schedule_bh_cb,
 aio_co_wake, aio_co_enter) and util/aio-posix.c (aio_poll).
 
-Design. A context is four lock-free deques that any thread may append to -
-one-shot callbacks (`_calls`), scheduled coroutines (`_sched_q`), bottom
-halves (`_bh_q`, `_idle_q`) - plus timers, fd handlers and an eventfd. The
+Design. A context is three lock-free deques that any thread may append to -
+one-shot callbacks and scheduled coroutines (`_ready`, one FIFO for both),
+bottom halves (`_bh_q`, `_idle_q`) - plus timers, fd handlers and an eventfd. The
 home thread runs `_pass()`, one full iteration of the loop and the only
 place where work is run: it takes a snapshot of each deque (what arrives
 meanwhile waits for the next pass), runs it, dispatches ready fds and
-expired timers. The scheduled-coroutine deque is QEMU's `co_schedule_bh`:
-in QEMU a bottom half drains the list; here the pass drains it directly
-whenever it is non-empty, which is the same thing without the extra flag.
+expired timers. Draining `_ready` is QEMU's `co_schedule_bh`: in QEMU a
+bottom half drains the list; here the pass drains it directly whenever it
+is non-empty, which is the same thing without the extra flag.
 
 The one door in from other threads: append to a deque (a single atomic
 operation), then `notify()`. notify() stores `_notified` and writes the
@@ -77,8 +77,8 @@ class AioContext:
         self._closing = False
 
         # Lock-free queues: any thread appends, the home thread pops.
-        self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._sched_q: deque[Coroutine[Any]] = deque()
+        # call_soon() callbacks, as (cb, args) tuples, and scheduled coroutines.
+        self._ready: deque[tuple[Callable[..., Any], tuple[Any, ...]] | Coroutine[Any]] = deque()
         self._bh_q: deque[BottomHalf] = deque()
         self._idle_q: deque[BottomHalf] = deque()
         self._timers = TimerList(self)
@@ -201,7 +201,7 @@ class AioContext:
             raise RuntimeError(f"{co!r} is already scheduled in {co._sched_where!r}")
         co._sched_where = self
         co.ctx = self
-        q = self._sched_q
+        q = self._ready
         # Publish, then notify (inlined: this is the hot path): pairs with
         # _pass(), see notify().
         q.append(co)
@@ -242,7 +242,7 @@ class AioContext:
         if self._closed:
             raise RuntimeError(f"cannot call_soon({cb!r}): {self!r} is closed")
         item = (cb, args)
-        q = self._calls
+        q = self._ready
         q.append(item)
         # notify(), inlined as in schedule().
         self._notified = True
@@ -375,7 +375,7 @@ class AioContext:
         return self._pass(None if blocking else 0.0)
 
     def _has_work(self) -> bool:
-        return bool(self._calls or self._sched_q or self._bh_q or self._timers.inbox)
+        return bool(self._ready or self._bh_q or self._timers.inbox)
 
     def _pass(self, timeout: float | None) -> bool:
         """One full iteration of the loop: the only place where work runs.
@@ -426,15 +426,13 @@ class AioContext:
 
         if timers.inbox:
             timers.apply_inbox()
-        if self._calls and self._run_calls():
+        if self._ready:
+            self._run_ready()
             progress = True
         if self._bh_q and self._run_bhs(self._bh_q):
             progress = True
         # An idle BH that was upgraded by schedule() while queued counts.
         if self._idle_q and self._run_bhs(self._idle_q):
-            progress = True
-        if self._sched_q:
-            self._run_scheduled()
             progress = True
         if ready is not None and self._dispatch(ready):
             progress = True
@@ -444,24 +442,6 @@ class AioContext:
                 self._timers_fired += n
                 progress = True
         return progress
-
-    def _run_calls(self) -> bool:
-        calls = self._calls
-        ran = 0
-        for _ in range(len(calls)):
-            try:
-                cb, args = calls.popleft()
-            except IndexError:
-                break  # a nested poll() ran the rest
-            ran += 1
-            try:
-                cb(*args)
-            except Exception as exc:
-                self._bh_calls += ran
-                ran = 0
-                self._report(exc, cb)
-        self._bh_calls += ran
-        return True
 
     def _run_bhs(self, queue: deque[BottomHalf]) -> bool:
         progress = False
@@ -486,15 +466,30 @@ class AioContext:
                 self._report(exc, bh._cb)
         return progress
 
-    def _run_scheduled(self) -> None:
-        """QEMU's co_schedule_bh_cb: enter what was scheduled, in FIFO order."""
-        q = self._sched_q
+    def _run_ready(self) -> None:
+        """Run `call_soon` callbacks and enter scheduled coroutines, in FIFO order.
+
+        The coroutine half is QEMU's co_schedule_bh_cb. Both kinds share one
+        deque, so work that one thread submits runs in submission order
+        whatever its kind (a call_sync() after a spawn() runs after the
+        coroutine has started).
+        """
+        q = self._ready
         current = getcurrent()
         for _ in range(len(q)):
             try:
-                co = q.popleft()
+                item = q.popleft()
             except IndexError:
-                break
+                break  # a nested poll() ran the rest
+            if isinstance(item, tuple):
+                cb, args = item
+                self._bh_calls += 1
+                try:
+                    cb(*args)
+                except Exception as exc:
+                    self._report(exc, cb)
+                continue
+            co = item
             self._co_scheduled += 1
             co._sched_where = None
             # Pairs with schedule(): from here on a producer may schedule

@@ -436,9 +436,7 @@ def _died_raising(ctx: AioContext | None, co: Coroutine[Any], exc: BaseException
     raise exc
 
 
-def _settle(
-    ctx: AioContext | None, co: Coroutine[Any], current: greenlet, explicit: bool
-) -> None:
+def _settle(ctx: AioContext | None, co: Coroutine[Any], current: greenlet, explicit: bool) -> None:
     """`co` yielded or finished: deal with its exception, run what it woke.
 
     Coroutines woken on their own context while another one ran are
@@ -504,7 +502,7 @@ def _requeue(
         return
     for co in leftovers:
         co._sched_where = ctx
-        ctx._sched_q.append(co)
+        ctx._ready.append(co)
     ctx.notify()
 
 
