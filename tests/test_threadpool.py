@@ -1,0 +1,192 @@
+"""Tests for corun.threadpool: run_in_thread().
+
+/thread-pool/submit-co and /thread-pool/submit-many port QEMU's
+tests/unit/test-thread-pool.c (submit-many with coroutines, the only way to
+submit in corun); the rest checks API.md: exceptions reach the coroutine,
+the function really runs in another thread, and the coroutine resumes on
+its home thread and context.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from corun import AioContext, Coroutine, IOThread, current_context, run_in_thread
+
+pytestmark = pytest.mark.timeout(20)
+
+EINPROGRESS = "in progress"
+
+
+@pytest.fixture
+def ctx():
+    with AioContext("test-threadpool") as c:
+        yield c
+
+
+class WorkerTestData:
+    def __init__(self):
+        self.n = 0
+        self.ret = EINPROGRESS
+        self.lock = threading.Lock()
+
+
+def worker_cb(data):
+    """QEMU's worker_cb: qatomic_fetch_inc(&data->n)."""
+    with data.lock:
+        old = data.n
+        data.n += 1
+    return old
+
+
+def test_submit_co(ctx):
+    """/thread-pool/submit-co: the coroutine yields at the submit, the loop finishes it."""
+    data = WorkerTestData()
+    state = {"active": 0}
+
+    def co_test_cb():
+        state["active"] = 1
+        data.n = 0
+        data.ret = EINPROGRESS
+        old = run_in_thread(worker_cb, data)
+        # The test continues in test_submit_co, after co.enter()...
+        assert old == 0
+        assert data.n == 1
+        data.ret = 0
+        state["active"] -= 1
+        # ...and ends there, after ctx.poll().
+
+    co = Coroutine(co_test_cb)
+    co.enter()
+
+    # Back here once the work is submitted: the coroutine waits for it.
+    assert state["active"] == 1
+    assert data.ret == EINPROGRESS
+
+    # poll() runs the rest of the coroutine.
+    while data.ret == EINPROGRESS:
+        ctx.poll(blocking=True)
+
+    # Back here after the coroutine has finished.
+    assert state["active"] == 0
+    assert data.ret == 0
+    assert co.done and co.result() is None
+
+
+def test_submit_many(ctx):
+    """/thread-pool/submit-many: 100 coroutines at once, more than there are workers."""
+    data = [WorkerTestData() for _ in range(100)]
+    state = {"active": 0}
+
+    def submitter(d):
+        d.ret = run_in_thread(worker_cb, d)
+        state["active"] -= 1
+
+    cos = [ctx.spawn(submitter, d) for d in data]
+    state["active"] = 100
+    while state["active"] > 0:
+        ctx.poll(blocking=True)
+    assert [d.n for d in data] == [1] * 100
+    assert [d.ret for d in data] == [0] * 100
+    assert [co.result() for co in cos] == [None] * 100
+
+
+def test_submit_many_on_iothreads():
+    """submit-many, with the coroutines spread over two IOThreads."""
+    data = [WorkerTestData() for _ in range(100)]
+
+    def submitter(d):
+        d.ret = run_in_thread(worker_cb, d)
+        return d.ret
+
+    with IOThread("pool-a") as a, IOThread("pool-b") as b:
+        cos = [(a, b)[i % 2].ctx.spawn(submitter, d) for i, d in enumerate(data)]
+        results = [co.join(15) for co in cos]
+    assert results == [0] * 100
+    assert [d.n for d in data] == [1] * 100
+
+
+def test_arguments_and_result(ctx):
+    def fn(a, b, *, c):
+        return (a, b, c)
+
+    assert ctx.spawn(lambda: run_in_thread(fn, 1, 2, c=3)).join(10) == (1, 2, 3)
+
+
+def test_exception_propagates_into_the_coroutine(ctx):
+    raised = []
+    caught = []
+
+    def fail(msg):
+        exc = ValueError(msg)
+        raised.append(exc)
+        raise exc
+
+    def body():
+        try:
+            run_in_thread(fail, "boom")
+        except ValueError as exc:
+            caught.append(exc)
+        # The coroutine goes on normally afterwards.
+        return run_in_thread(lambda: "after")
+
+    co = ctx.spawn(body)
+    assert co.join(10) == "after"
+    assert len(caught) == 1 and caught[0] is raised[0]
+    assert str(caught[0]) == "boom"
+
+
+def test_uncaught_exception_finishes_the_coroutine(ctx):
+    def body():
+        run_in_thread(int, "not a number")
+
+    co = ctx.spawn(body)
+    with pytest.raises(ValueError, match="not a number"):
+        co.join(10)
+
+
+def test_runs_in_another_thread_and_resumes_at_home():
+    seen = {}
+
+    def body():
+        seen["home"] = (threading.get_ident(), current_context())
+        seen["worker"] = run_in_thread(threading.get_ident)
+        seen["after"] = (threading.get_ident(), current_context())
+
+    with IOThread("pool-home") as t:
+        t.ctx.spawn(body).join(10)
+        iothread_ident = t.ctx.call_sync(threading.get_ident)
+        home_ctx = t.ctx
+    assert seen["home"] == (iothread_ident, home_ctx)
+    assert seen["worker"] not in (iothread_ident, threading.get_ident())
+    assert seen["after"] == seen["home"]
+
+
+def test_blocking_work_does_not_block_the_loop():
+    """While the worker blocks, other coroutines of the same IOThread run."""
+    release = threading.Event()
+    events = []
+
+    def blocker():
+        events.append("blocker submits")
+        result = run_in_thread(release.wait, 10)
+        events.append("blocker resumed")
+        return result
+
+    def other():
+        events.append("other runs")
+        release.set()
+
+    with IOThread("pool-loop") as t:
+        b = t.ctx.spawn(blocker)
+        o = t.ctx.spawn(other)
+        assert b.join(15) is True
+        o.join(10)
+    assert events == ["blocker submits", "other runs", "blocker resumed"]
+
+
+def test_outside_a_coroutine():
+    with pytest.raises(RuntimeError, match=r"run_in_thread\(\) called outside a coroutine"):
+        run_in_thread(print)
