@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from greenlet import getcurrent
 
 from .context import wake
-from .coroutine import yield_
+from .coroutine import _report, yield_
 
 if TYPE_CHECKING:
     from .coroutine import Coroutine
@@ -74,6 +74,16 @@ def _me(lock: object, what: str) -> Coroutine[Any]:
     if co is None:
         raise RuntimeError(f"{lock!r}.{what}() called outside a coroutine")
     return co
+
+
+def _report_dead_waiter(lock: object, co: Coroutine[Any], exc: RuntimeError) -> None:
+    """`co` waited for `lock` but can never be woken: tell the waker's context."""
+    me = getattr(getcurrent(), "co", None)
+    _report(
+        me.ctx if me is not None else None,
+        RuntimeError(f"{lock!r} skipped {co!r}, which can never be woken: {exc}"),
+        co,
+    )
 
 
 def _unlink_held(co: Coroutine[Any], mutex: CoMutex) -> None:
@@ -166,13 +176,14 @@ class CoMutex:
         # unlocker releases _taken, then looks at _waiters. So either it
         # sees us and hands the mutex on, or we win _taken here.
         if self._taken.acquire(False):
-            head = waiters.popleft()
-            if head is co:
-                self.holder = co
-                return
-            # Others were first: serve them, then wait for our turn.
-            self.holder = head
-            wake(head)
+            while True:
+                head = waiters.popleft()  # never empty: we are in it
+                if head is co:
+                    self.holder = co
+                    return
+                # Others were first: serve them, then wait for our turn.
+                if self._hand_off(head):
+                    break
         yield_()
         # Woken only by the hand-off that made us the holder.
         assert self.holder is co, (self, co)
@@ -197,16 +208,28 @@ class CoMutex:
         waiters = self._waiters
         while True:
             if waiters:
-                head = waiters.popleft()
-                self.holder = head
-                wake(head)
-                return
+                if self._hand_off(waiters.popleft()):
+                    return
+                continue
             self.holder = None
             self._taken.release()
             # Pairs with _acquire_slow(): see there.
             if not waiters or not self._taken.acquire(False):
                 return
             # We own it again and somebody waits: hand it on.
+
+    def _hand_off(self, head: Coroutine[Any]) -> bool:
+        """Make `head` the holder and wake it; False if it can never run."""
+        self.holder = head
+        try:
+            wake(head)
+        except RuntimeError as exc:
+            # Its context was closed while it waited: it cannot take the
+            # mutex. Report it where the releaser runs; serve the next one.
+            self.holder = None
+            _report_dead_waiter(self, head, exc)
+            return False
+        return True
 
     def __enter__(self) -> CoMutex:
         self.acquire()

@@ -75,6 +75,7 @@ class AioContext:
         self._thread_name = threading.current_thread().name
         self._closed = False
         self._closing = False
+        self._depth = 0  # passes running now (nested poll() makes it > 1)
 
         # Lock-free queues: any thread appends, the home thread pops.
         # call_soon() callbacks, as (cb, args) tuples, and scheduled coroutines.
@@ -98,8 +99,12 @@ class AioContext:
         # Held by close() while it drains; see _late().
         self._close_lock = threading.Lock()
 
-        self._poller = make_poller()
-        self._poller.set(self._notify_fd, READ)
+        try:
+            self._poller = make_poller()
+            self._poller.set(self._notify_fd, READ)
+        except BaseException:
+            self._notifier.close()
+            raise
         self._fds: dict[int, list[Handler | None]] = {}
 
         # Coroutines that started here and have not finished (for close()).
@@ -153,10 +158,16 @@ class AioContext:
 
     def _write_event(self) -> None:
         """Write the eventfd; called only by the one holder of _event_armed."""
-        with self._write_lock:
-            if not self._closed:
-                self._notifier.set()
-                self._notify_writes += 1
+        try:
+            with self._write_lock:
+                if not self._closed:
+                    self._notifier.set()
+                    self._notify_writes += 1
+        except BaseException:
+            # Not written (KeyboardInterrupt, EBADF...): disarm, or the loop
+            # would never be woken by the eventfd again.
+            self._event_armed.release()
+            raise
 
     def _late(self, queue: deque[Any], item: Any) -> None:
         """A producer appended `item`, then saw the context closed.
@@ -198,7 +209,7 @@ class AioContext:
         if self._closed:
             raise RuntimeError(f"cannot schedule {co!r}: {self!r} is closed")
         if not co._sched.acquire(False):
-            raise RuntimeError(f"{co!r} is already scheduled in {co._sched_where!r}")
+            raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
         co._sched_where = self
         co.ctx = self
         q = self._ready
@@ -266,7 +277,13 @@ class AioContext:
             return fn(*args, **kwargs)
         from .waiter import Waiter
 
-        waiter = Waiter(current_coroutine())
+        me = current_coroutine()
+        if me is not None and me.ctx is None:
+            raise RuntimeError(
+                f"call_sync() from {me!r}, which has no context: {self!r} could never "
+                "wake it; call from a plain thread or a coroutine on a context"
+            )
+        waiter = Waiter(me)
         outcome: list[Any] = []
 
         def run_there() -> None:
@@ -383,6 +400,13 @@ class AioContext:
         `timeout`: how long to wait for work at most (None: no limit; 0:
         do not wait).
         """
+        self._depth += 1
+        try:
+            return self._pass_once(timeout)
+        finally:
+            self._depth -= 1
+
+    def _pass_once(self, timeout: float | None) -> bool:
         self._polls += 1
         timers = self._timers
         if timers.inbox:
@@ -426,13 +450,17 @@ class AioContext:
 
         if timers.inbox:
             timers.apply_inbox()
-        if self._ready:
-            self._run_ready()
+        # Snapshots: what this pass's work queues waits for the next pass.
+        n_ready = len(self._ready)
+        n_bh = len(self._bh_q)
+        n_idle = len(self._idle_q)
+        if n_ready:
+            self._run_ready(n_ready)
             progress = True
-        if self._bh_q and self._run_bhs(self._bh_q):
+        if n_bh and self._run_bhs(self._bh_q, n_bh):
             progress = True
         # An idle BH that was upgraded by schedule() while queued counts.
-        if self._idle_q and self._run_bhs(self._idle_q):
+        if n_idle and self._run_bhs(self._idle_q, n_idle):
             progress = True
         if ready is not None and self._dispatch(ready):
             progress = True
@@ -443,9 +471,9 @@ class AioContext:
                 progress = True
         return progress
 
-    def _run_bhs(self, queue: deque[BottomHalf]) -> bool:
+    def _run_bhs(self, queue: deque[BottomHalf], n: int) -> bool:
         progress = False
-        for _ in range(len(queue)):
+        for _ in range(n):
             try:
                 bh = queue.popleft()
             except IndexError:
@@ -466,7 +494,7 @@ class AioContext:
                 self._report(exc, bh._cb)
         return progress
 
-    def _run_ready(self) -> None:
+    def _run_ready(self, n: int) -> None:
         """Run `call_soon` callbacks and enter scheduled coroutines, in FIFO order.
 
         The coroutine half is QEMU's co_schedule_bh_cb. Both kinds share one
@@ -476,7 +504,7 @@ class AioContext:
         """
         q = self._ready
         current = getcurrent()
-        for _ in range(len(q)):
+        for _ in range(n):
             try:
                 item = q.popleft()
             except IndexError:
@@ -500,7 +528,11 @@ class AioContext:
                     RuntimeError(f"{co!r} was scheduled on {self!r} but finished first"), co
                 )
                 continue
-            _switch_in(self, co, current)
+            try:
+                _switch_in(self, co, current)
+            except Exception as exc:  # could not even be entered (lost a race)
+                self._report(exc, co)
+                continue
             if co.done or co._wakeups is not None:
                 _settle(self, co, current, False)
 
@@ -591,6 +623,11 @@ class AioContext:
         self._check_home("close")
         if getattr(getcurrent(), "co", None) is not None:
             raise RuntimeError(f"{self!r}.close() called inside {current_coroutine()!r}")
+        if self._depth:
+            raise RuntimeError(
+                f"{self!r}.close() called from work its own loop is running; close it "
+                "after poll() returns (for an IOThread: t.stop() or t.join())"
+            )
         self._closing = True
         with self._close_lock:
             try:
@@ -648,8 +685,8 @@ def _defer(me: Coroutine[Any], co: Coroutine[Any]) -> None:
         raise RuntimeError(f"{co!r} cannot wake itself")
     co._check_enterable("wake", me._thread)
     if not co._sched.acquire(False):
-        raise RuntimeError(f"{co!r} is already scheduled in {co._sched_where!r}")
-    co._sched_where = f"the wake-up queue of {me.name!r}"
+        raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
+    co._sched_where = me  # rendered by Coroutine._where() only on error
     wakeups = me._wakeups
     if wakeups is None:
         me._wakeups = [co]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .comutex import CoMutex, _me
+from .comutex import CoMutex, _me, _report_dead_waiter
 from .context import wake
 from .coroutine import yield_
 
@@ -73,11 +73,21 @@ class CoQueue:
 
     def next(self) -> bool:
         """Wake the first waiter; False if there is none. Thread: any."""
+        while True:
+            try:
+                co = self._waiters.popleft()
+            except IndexError:
+                return False
+            if self._wake(co):
+                return True
+
+    def _wake(self, co: Coroutine[Any]) -> bool:
         try:
-            co = self._waiters.popleft()
-        except IndexError:
+            wake(co)
+        except RuntimeError as exc:
+            # Its context was closed while it waited: skip it, loudly.
+            _report_dead_waiter(self, co, exc)
             return False
-        wake(co)
         return True
 
     def restart_all(self) -> int:
@@ -90,8 +100,8 @@ class CoQueue:
                 co = waiters.popleft()
             except IndexError:
                 break
-            wake(co)
-            woken += 1
+            if self._wake(co):
+                woken += 1
         return woken
 
     def enter_next(self, lock: Lockable | None = None) -> bool:
@@ -101,13 +111,17 @@ class CoQueue:
         except IndexError:
             return False
         if lock is not None:
-            lock.release()
+            try:
+                lock.release()
+            except BaseException:
+                self._waiters.appendleft(co)  # not woken: keep its place
+                raise
         try:
-            wake(co)
+            woken = self._wake(co)
         finally:
             if lock is not None:
                 lock.acquire()
-        return True
+        return woken or self.enter_next(lock)
 
     def empty(self) -> bool:
         """Whether no coroutine waits. Thread: any."""

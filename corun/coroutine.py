@@ -35,6 +35,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from greenlet import getcurrent, greenlet
@@ -104,6 +105,7 @@ class Coroutine(Generic[T]):
         "_live_in",
         "_result",
         "_exc",
+        "_tb",
         "_exc_owned",
         "_waiters",
         "_held",
@@ -138,6 +140,7 @@ class Coroutine(Generic[T]):
         self._live_in: AioContext | None = None
         self._result: T | None = None
         self._exc: BaseException | None = None
+        self._tb: TracebackType | None = None
         # True when someone takes the exception itself (run(), call_sync()),
         # so it does not also go to the exception handler.
         self._exc_owned = False
@@ -190,13 +193,20 @@ class Coroutine(Generic[T]):
 
     # -- entering ----------------------------------------------------------
 
+    def _where(self) -> str:
+        """Where it is scheduled, for error messages."""
+        where = self._sched_where
+        if isinstance(where, Coroutine):
+            return f"the wake-up queue of {where.name!r}"
+        return repr(where)
+
     def _check_enterable(self, action: str, ident: int | None) -> None:
         """Raise if this coroutine may not be entered by thread `ident` now."""
         if self.done:
             raise RuntimeError(f"cannot {action} {self!r}: it has finished")
         if self._sched.locked():
             raise RuntimeError(
-                f"cannot {action} {self!r}: it is already scheduled in {self._sched_where!r}"
+                f"cannot {action} {self!r}: it is already scheduled in {self._where()}"
             )
         if self._caller is not None:
             raise RuntimeError(f"cannot {action} {self!r}: it is running (re-entered recursively)")
@@ -220,7 +230,7 @@ class Coroutine(Generic[T]):
             or ctx is None
             or ctx._closed
             or self._caller is not None
-            or self._sched_where is not None
+            or self._sched.locked()
             or self.done
         ):
             # The uncommon cases (first enter, no context, misuse).
@@ -260,6 +270,8 @@ class Coroutine(Generic[T]):
         """fn returned `result` or raised `exc`. Thread: the coroutine's."""
         self._result = result
         self._exc = exc
+        if exc is not None:
+            self._tb = exc.__traceback__
         self.done = True
         self._caller = None
         self._greenlet = None  # break the cycle coroutine <-> greenlet
@@ -284,17 +296,32 @@ class Coroutine(Generic[T]):
         # sees the other; Waiter.fire/cancel decide who wins.
         waiters = self._waiters
         if waiters:
+            claimed = []
             while True:
                 try:
-                    waiter = waiters.pop()
+                    claimed.append(waiters.pop())
                 except IndexError:
                     break
-                try:
-                    waiter.fire()
-                except Exception as exc:
-                    # The joiner cannot be woken (its context is closed): say
-                    # so, but never let it escape into the loop running us.
-                    _report(self.ctx, exc, self)
+            for waiter in reversed(claimed):  # in the order they joined
+                self._wake_joiner(waiter)
+
+    def _wake_joiner(self, waiter: Any) -> None:
+        joiner = waiter.co
+        try:
+            if joiner is not None and joiner._thread == self._thread:
+                # Same thread: queue it on our wake-up list, so _settle()
+                # enters joiners one after another (a chain of joins must
+                # not nest, as any chain of wakes).
+                if waiter.cancel():
+                    from .context import _defer
+
+                    _defer(self, joiner)
+            else:
+                waiter.fire()
+        except Exception as exc:
+            # The joiner cannot be woken (its context is closed): say so, but
+            # never let it escape into the loop that ran us.
+            _report(self.ctx, exc, self)
 
     # -- results -----------------------------------------------------------
 
@@ -302,8 +329,11 @@ class Coroutine(Generic[T]):
         """The return value, or raise the exception, of a finished coroutine. Thread: any."""
         if not self.done:
             raise RuntimeError(f"{self!r} has not finished")
-        if self._exc is not None:
-            raise self._exc
+        exc = self._exc
+        if exc is not None:
+            # Re-raise with the traceback it finished with, so that joining
+            # often does not grow it.
+            raise exc.with_traceback(self._tb)
         return self._result  # type: ignore[return-value]
 
     def exception(self) -> BaseException | None:
@@ -337,6 +367,11 @@ class Coroutine(Generic[T]):
             raise RuntimeError(f"{self!r} cannot join itself")
         ident = threading.get_ident()
         if me is not None:
+            if me.ctx is None and self._thread != me._thread:
+                raise RuntimeError(
+                    f"{me!r} has no context, so {self!r} (running elsewhere) could "
+                    "never wake it; join from a coroutine that runs on a context"
+                )
             waiter = Waiter(me)
         else:
             ctx = _thread._tls.ctx
@@ -350,6 +385,12 @@ class Coroutine(Generic[T]):
             waiter = Waiter(None)
         self._add_waiter(waiter)
         if not waiter.wait(timeout, lambda: self.done):
+            waiters = self._waiters
+            if waiters is not None:
+                try:
+                    waiters.remove(waiter)  # do not keep it until we finish
+                except ValueError:
+                    pass
             raise TimeoutError(f"{self!r} did not finish within {timeout} s")
         return self.result()
 
@@ -468,6 +509,8 @@ def _settle(ctx: AioContext | None, co: Coroutine[Any], current: greenlet, expli
         to._sched.release()
         try:
             _switch_in(ctx, to, current)
+        except Exception as exc:  # could not even be entered (lost a race)
+            _report(ctx, exc, to)
         except BaseException:
             _requeue(ctx, to, pending)
             raise

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .comutex import CoMutex, _me
+from .comutex import CoMutex, _me, _report_dead_waiter
 from .context import wake
 from .coroutine import yield_
 
@@ -75,7 +75,22 @@ class CoRwLock:
             self._tickets.popleft()
         self._mutex.release()
         if co is not None:
-            wake(co)
+            try:
+                wake(co)
+            except RuntimeError as exc:
+                # Its context was closed while it waited: it never takes the
+                # hold we counted for it; undo that and admit the next one.
+                _report_dead_waiter(self, co, exc)
+                self._mutex.acquire()
+                if self._writer is co:
+                    self._writer = None
+                    self._owners = 0
+                else:
+                    count = self._readers.pop(co, 1)
+                    if count > 1:
+                        self._readers[co] = count - 1
+                    self._owners -= 1
+                self._wake_one_and_unlock()
 
     def rdlock(self) -> None:
         """Take a read hold, waiting behind any queued writer. Coroutine only."""

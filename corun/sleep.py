@@ -44,7 +44,7 @@ def _sleeper(where: object) -> tuple[Coroutine[Any], AioContext]:
 
 def _take_sched(co: Coroutine[Any], where: object) -> None:
     if not co._sched.acquire(False):
-        raise RuntimeError(f"{co!r} is already scheduled in {co._sched_where!r}")
+        raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
     co._sched_where = where
 
 

@@ -117,7 +117,11 @@ class TimerList:
 
     def _apply(self, timer: Timer, when: float | None, seq: int) -> None:
         if seq < timer._seq:
-            return  # a later mod()/cancel() was applied already
+            # A later mod()/cancel() was applied already; repair when/pending,
+            # which this call's caller may have stored after it.
+            entry = timer._entry
+            timer._when = entry[0] if entry is not None else None
+            return
         timer._seq = seq
         if timer._entry is not None:
             self._stale += 1

@@ -328,3 +328,23 @@ def test_bh_calls_counted_in_stats(ctx):
     ctx.call_soon(lambda: None)
     ctx.poll(False)
     assert ctx.stats()["bh_calls"] == before + 2
+
+
+def test_bh_scheduled_by_a_call_soon_callback_runs_at_the_next_poll(ctx):
+    log = []
+    bh = ctx.bh(log.append, "bh")
+    ctx.call_soon(bh.schedule)
+    ctx.poll(blocking=False)
+    assert log == []
+    ctx.poll(blocking=False)
+    assert log == ["bh"]
+
+
+def test_bh_scheduled_by_a_coroutine_runs_at_the_next_poll(ctx):
+    log = []
+    bh = ctx.bh(log.append, "bh")
+    ctx.spawn(bh.schedule)
+    ctx.poll(blocking=False)
+    assert log == []
+    ctx.poll(blocking=False)
+    assert log == ["bh"]

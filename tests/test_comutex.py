@@ -701,3 +701,42 @@ def test_finishing_while_holding_is_reported(ctx):
     assert m.locked()
     assert ctx.spawn(lambda: "next").join() == "next"
     assert len(reports) == 1
+
+
+# -- regressions from the review ---------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_release_skips_a_waiter_whose_context_was_closed(ctx):
+    """Handing the mutex to a coroutine that can never run would lock it forever."""
+    mutex = CoMutex()
+    errors = []
+    ctx.set_exception_handler(lambda c, exc, origin: errors.append(exc))
+    events = []
+
+    def holder():
+        mutex.acquire()
+        yield_()
+        mutex.release()
+        events.append("released")
+
+    h = ctx.spawn(holder)
+    drain(ctx)
+    dead = None
+    with IOThread("doomed") as t:
+        dead = t.ctx.spawn(mutex.acquire, name="doomed-waiter")
+        t.ctx.call_sync(lambda: None)  # it has queued
+    # t is closed now, with `dead` suspended in the mutex's queue
+
+    def late():
+        with mutex:
+            events.append("late got it")
+
+    ctx.spawn(late)
+    drain(ctx)
+    wake(h)
+    drain(ctx)
+    assert events == ["released", "late got it"]
+    assert not mutex.locked()
+    assert len(errors) == 1 and "doomed-waiter" in str(errors[0])
+    assert not dead.done

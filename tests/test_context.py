@@ -1172,3 +1172,54 @@ def test_misuse_inside_coroutine_leaves_it_running(ctx):
     co = ctx.spawn(body)
     assert co.join(timeout=10) == 3
     assert_still_works(ctx)
+
+
+# -- regressions from the review ---------------------------------------------------
+
+
+def test_close_from_work_the_loop_runs_is_refused_and_the_loop_goes_on():
+    with IOThread("closer") as t:
+
+        def close_me():
+            t.ctx.close()
+
+        with pytest.raises(RuntimeError, match="its own loop is running"):
+            t.ctx.call_sync(close_me)
+        assert t.ctx.call_sync(lambda: 7) == 7
+        assert t.is_alive()
+
+
+def test_a_failed_eventfd_write_disarms_the_notifier(ctx):
+    class Boom(Exception):
+        pass
+
+    class BrokenNotifier:
+        def set(self):
+            raise Boom
+
+    real = ctx._notifier
+    ctx._notifier = BrokenNotifier()
+    ctx._notify_me = True  # as if the loop were about to sleep
+    try:
+        with pytest.raises(Boom):
+            ctx.notify()
+    finally:
+        ctx._notifier = real
+        ctx._notify_me = False
+    assert not ctx._event_armed.locked()
+
+
+def test_timed_out_joins_do_not_accumulate(ctx):
+    sleeper = ctx.spawn(yield_)
+    ctx.poll(blocking=False)
+
+    def join_briefly():
+        with pytest.raises(TimeoutError):
+            sleeper.join(timeout=0.001)
+
+    for _ in range(20):
+        t = threading.Thread(target=join_briefly)
+        t.start()
+        t.join()
+    assert not sleeper._waiters
+    corun.wake(sleeper)

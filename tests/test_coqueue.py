@@ -442,3 +442,21 @@ def test_waiter_is_woken_on_its_home_context():
         assert q.next() is True
         co.join(10)
     assert homes == [True]
+
+
+# -- regressions from the review ---------------------------------------------------
+
+
+def test_enter_next_keeps_the_waiter_when_the_lock_cannot_be_released(ctx):
+    queue = CoQueue()
+    waiter = ctx.spawn(queue.wait)
+    while ctx.poll(blocking=False):
+        pass
+    assert len(queue) == 1
+    with pytest.raises(RuntimeError):
+        queue.enter_next(CoMutex())  # releasing a mutex we do not hold
+    assert len(queue) == 1
+    assert queue.next() is True
+    while ctx.poll(blocking=False):
+        pass
+    assert waiter.done

@@ -576,3 +576,45 @@ def test_join_from_plain_thread_timeout(ctx):
     ctx.poll(False)
     ctx.schedule(co)
     co.join()
+
+
+# -- regressions from the review ---------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_long_chain_of_joins_does_not_nest(ctx):
+    """Each coroutine joins the previous one: 2,000 links, no RecursionError."""
+    errors = []
+    ctx.set_exception_handler(lambda c, exc, origin: errors.append(exc))
+    first = Coroutine(yield_, name="link-0")
+    chain = [first]
+    for i in range(1, 2000):
+        chain.append(ctx.spawn(chain[-1].join, name=f"link-{i}"))
+    ctx.schedule(first)
+    while ctx.poll(blocking=False):
+        pass
+    corun.wake(first)
+    while ctx.poll(blocking=False):
+        pass
+    assert errors == []
+    assert all(co.done for co in chain)
+
+
+def test_joining_a_failed_coroutine_often_does_not_grow_its_traceback(ctx):
+    def fail():
+        raise ValueError("boom")
+
+    co = ctx.spawn(fail)
+    ctx.set_exception_handler(lambda *args: None)
+    ctx.poll(blocking=False)
+
+    def depth():
+        with pytest.raises(ValueError) as info:
+            co.join()
+        return len(info.traceback)
+
+    first = depth()
+    for _ in range(100):
+        with pytest.raises(ValueError):
+            co.result()
+    assert depth() == first
