@@ -703,7 +703,10 @@ def wake(co: Coroutine[Any]) -> None:
     """
     ctx = co.ctx
     if ctx is not None:
-        ctx.enter(co)
+        if _get_ident() != ctx._thread:
+            ctx.schedule(co)  # the common cross-thread case, one call shorter
+        else:
+            ctx.enter(co)
         return
     ident = threading.get_ident()
     if co._thread != ident:

@@ -435,21 +435,36 @@ def _switch_in(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) ->
     """Enter `to` once from `current`, until it yields or finishes."""
     g = to._greenlet
     if g is None:
-        g = to._bind(ctx)
-        args = to._args
-        kwargs = to._kwargs
-        to._args = ()
-        to._kwargs = None
-    else:
-        args = ()
-        kwargs = None
-        if g.parent is not current:
-            try:
-                g.parent = current
-            except ValueError:  # greenlet refuses a parent from another thread
-                to._check_enterable("enter", threading.get_ident())
-                raise
+        _start(ctx, to, current)
+        return
+    if g.parent is not current:
+        try:
+            g.parent = current
+        except ValueError:  # greenlet refuses a parent from another thread
+            to._check_enterable("enter", threading.get_ident())
+            raise
     # Invariant: _live_in is ctx implies ctx is already the home context.
+    if to._live_in is not ctx:
+        _rehome(to, ctx)
+    to._caller = current
+    if ctx is not None:
+        ctx._co_entered += 1
+    try:
+        result = g.switch()
+    except BaseException as exc:
+        _died_raising(ctx, to, exc)
+        return
+    if g.dead:
+        to._finish(result, None)
+
+
+def _start(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> None:
+    """The first enter of `to`: bind it to this thread and call fn."""
+    g = to._bind(ctx)
+    args = to._args
+    kwargs = to._kwargs
+    to._args = ()
+    to._kwargs = None
     if to._live_in is not ctx:
         _rehome(to, ctx)
     to._caller = current
