@@ -111,6 +111,8 @@ class AioContext:
         self._live: set[Coroutine[Any]] = set()
         self._exc_handler: ExceptionHandler | None = None
         self._thread_pool: ThreadPoolExecutor | None = None
+        # Greenlets of finished coroutines, for new ones (coroutine.POOL_SIZE).
+        self._co_pool: list[Any] = []
 
         # Counters: written by the home thread only, except notify_writes,
         # which is written only while holding _event_armed.
@@ -670,6 +672,7 @@ class AioContext:
             pool.shutdown(wait=False)
         if _thread._tls.ctx is self:
             _thread._tls.ctx = None
+        self._co_pool.clear()
         self._fds.clear()
         self._poller.close()
         with self._write_lock:

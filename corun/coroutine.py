@@ -69,10 +69,10 @@ if hasattr(os, "register_at_fork"):
 
 
 class _CoGreenlet(greenlet):
-    """The greenlet of a corun coroutine; `co` points back to it."""
+    """The greenlet of a corun coroutine; `co` points back to it (None while pooled)."""
 
     __slots__ = ("co",)
-    co: Coroutine[Any]
+    co: Coroutine[Any] | None
 
 
 def _describe_thread(ident: int | None) -> str:
@@ -251,20 +251,10 @@ class Coroutine(Generic[T]):
         except BaseException as exc:
             _died_raising(ctx, self, exc)
         else:
-            if g.dead:
-                self._finish(result, None)
+            if result is _FINISHED:
+                _finished(ctx, self, g)
         if self.done or self._wakeups is not None:
             _settle(ctx, self, current, explicit=True)
-
-    def _bind(self, ctx: AioContext | None) -> _CoGreenlet:
-        # fn itself is the greenlet's run: no wrapper frame stays on the
-        # stack of a suspended coroutine. Its outcome is collected by
-        # _switch_in(), in whichever greenlet entered it last (its parent).
-        g = _CoGreenlet(self._fn)
-        g.co = self
-        self._greenlet = g
-        self._thread = ctx._thread if ctx is not None else threading.get_ident()
-        return g
 
     def _finish(self, result: Any, exc: BaseException | None) -> None:
         """fn returned `result` or raised `exc`. Thread: the coroutine's."""
@@ -454,29 +444,93 @@ def _switch_in(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) ->
     except BaseException as exc:
         _died_raising(ctx, to, exc)
         return
-    if g.dead:
-        to._finish(result, None)
+    if result is _FINISHED:
+        _finished(ctx, to, g)
+
+
+# Creating a greenlet costs an mmap and a munmap (its frame stack) and is
+# the bulk of a short coroutine's life; like QEMU's coroutine pool, each
+# context keeps up to this many finished greenlets for new coroutines.
+POOL_SIZE = 128
+
+# What a coroutine's greenlet switches to its enterer when fn is done.
+_FINISHED: Any = object()
 
 
 def _start(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> None:
     """The first enter of `to`: bind it to this thread and call fn."""
-    g = to._bind(ctx)
-    args = to._args
-    kwargs = to._kwargs
-    to._args = ()
-    to._kwargs = None
+    pool = ctx._co_pool if ctx is not None else None
+    if pool:
+        g = pool.pop()
+        if g.parent is not current:
+            g.parent = current
+    else:
+        g = _CoGreenlet(_trampoline)
+    g.co = to
+    to._greenlet = g
+    to._thread = ctx._thread if ctx is not None else threading.get_ident()
     if to._live_in is not ctx:
         _rehome(to, ctx)
     to._caller = current
     if ctx is not None:
         ctx._co_entered += 1
     try:
-        result = g.switch(*args, **kwargs) if kwargs else g.switch(*args)
+        result = g.switch()
     except BaseException as exc:
         _died_raising(ctx, to, exc)
         return
-    if g.dead:
-        to._finish(result, None)
+    if result is _FINISHED:
+        _finished(ctx, to, g)
+
+
+def _trampoline() -> None:
+    """The run of every coroutine greenlet: call fn, report, take the next one.
+
+    fn's outcome is stored on the coroutine and the greenlet switches
+    _FINISHED to whoever entered it, which finishes the coroutine there and
+    may put the greenlet back in its context's pool; the next coroutine then
+    arrives in `g.co`. Exceptions other than Exception
+    (KeyboardInterrupt, SystemExit, GreenletExit) end the greenlet instead.
+    """
+    while True:
+        # The coroutine arrives through g.co, not as an argument: greenlet
+        # keeps run's first arguments alive as long as the greenlet lives.
+        co: Any = getcurrent().co  # type: ignore[attr-defined]
+        fn = co._fn
+        args = co._args
+        kwargs = co._kwargs
+        co._args = ()
+        co._kwargs = None
+        result = None
+        try:
+            # Plain calls, not fn(*args): the interpreter inlines those, so
+            # no C frame stays on the saved stack of a suspended coroutine.
+            if kwargs:
+                result = fn(*args, **kwargs)
+            elif not args:
+                result = fn()
+            elif len(args) == 1:
+                result = fn(args[0])
+            elif len(args) == 2:
+                result = fn(args[0], args[1])
+            else:
+                result = fn(*args)
+        except Exception as exc:
+            co._exc = exc
+        else:
+            co._result = result
+        caller = co._caller
+        # Keep nothing alive while idle in the pool.
+        fn = args = kwargs = result = co = None
+        caller.switch(_FINISHED)
+
+
+def _finished(ctx: AioContext | None, co: Coroutine[Any], g: _CoGreenlet) -> None:
+    """fn of `co` returned or raised (outcome stored on `co`): finish it."""
+    co._finish(co._result, co._exc)
+    g.co = None
+    if ctx is not None and len(ctx._co_pool) < POOL_SIZE and not ctx._closed:
+        ctx._co_pool.append(g)
 
 
 def _died_raising(ctx: AioContext | None, co: Coroutine[Any], exc: BaseException) -> None:

@@ -618,3 +618,44 @@ def test_joining_a_failed_coroutine_often_does_not_grow_its_traceback(ctx):
         with pytest.raises(ValueError):
             co.result()
     assert depth() == first
+
+
+# -- the greenlet pool ----------------------------------------------------------
+
+
+def test_finished_greenlets_are_reused_and_keep_nothing_alive(ctx):
+    import gc
+    import weakref
+
+    from corun.coroutine import POOL_SIZE
+
+    class Payload:
+        pass
+
+    refs = []
+
+    def make():
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        return payload
+
+    first = ctx.spawn(make)
+    ctx.poll(blocking=False)
+    greenlet_of_first = ctx._co_pool[-1]
+    assert first.result() is not None
+    del first
+    gc.collect()
+    assert refs[0]() is None  # neither the pooled greenlet nor its frame holds it
+
+    seen = []
+    second = ctx.spawn(lambda: seen.append(current_coroutine()))
+    ctx.poll(blocking=False)
+    assert seen == [second]
+    assert ctx._co_pool[-1] is greenlet_of_first  # the same greenlet, reused
+
+    many = [ctx.spawn(yield_) for _ in range(POOL_SIZE + 50)]
+    ctx.poll(blocking=False)
+    for co in many:
+        corun.wake(co)
+    assert all(co.done for co in many)
+    assert len(ctx._co_pool) == POOL_SIZE  # bounded
