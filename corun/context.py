@@ -101,7 +101,8 @@ class AioContext:
 
         try:
             self._poller = make_poller()
-            self._poller.set(self._notify_fd, READ)
+            # True when each wake-up is reported without reading the eventfd.
+            self._notify_edge = self._poller.watch_notifier(self._notify_fd)
         except BaseException:
             self._notifier.close()
             raise
@@ -441,9 +442,11 @@ class AioContext:
         if events:
             for fd, mask in events:
                 if fd == self._notify_fd:
-                    self._notifier.test_and_clear()
-                    # Pairs with notify(): the eventfd is clear before a
-                    # new writer may arm it again.
+                    if not self._notify_edge:
+                        self._notifier.test_and_clear()
+                    # Pairs with notify(): this wake-up is consumed (the
+                    # eventfd read, or its edge reported) before a new
+                    # writer may arm it again.
                     self._event_armed.release()
                 elif ready is None:
                     ready = [(fd, mask)]

@@ -43,6 +43,7 @@ def fileno_of(fd: Any) -> int:
 
 class Poller(Protocol):
     def set(self, fd: int, events: int) -> None: ...
+    def watch_notifier(self, fd: int) -> bool: ...
     def poll(self, timeout: float | None) -> list[tuple[int, int]]: ...
     def close(self) -> None: ...
 
@@ -79,6 +80,18 @@ if hasattr(select, "epoll"):
                 self._ep.modify(fd, mask)
                 self._registered[fd] = mask
 
+        def watch_notifier(self, fd: int) -> bool:
+            """Watch an eventfd edge-triggered; True: it never needs reading.
+
+            Every write to an eventfd is a new edge, so epoll reports each
+            wake-up without the loop clearing the counter: one syscall (and
+            one GIL release) less per wake-up. (The counter would saturate
+            after 2**64 - 2 wake-ups.)
+            """
+            self._ep.register(fd, select.EPOLLIN | select.EPOLLET)
+            self._registered[fd] = select.EPOLLIN
+            return True
+
         def poll(self, timeout: float | None) -> list[tuple[int, int]]:
             raw = self._ep.poll(-1 if timeout is None else timeout)
             if not raw:
@@ -114,6 +127,11 @@ class SelectorPoller:
             self._sel.unregister(fd)
         elif key.events != events:
             self._sel.modify(fd, events)
+
+    def watch_notifier(self, fd: int) -> bool:
+        """Watch the notifier level-triggered; False: the loop must clear it."""
+        self._sel.register(fd, READ)
+        return False
 
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
         return [(key.fd, ev) for key, ev in self._sel.select(timeout)]
