@@ -42,7 +42,6 @@ import sys
 import threading
 import time
 from collections import deque
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from greenlet import getcurrent
@@ -140,8 +139,11 @@ class CoMutex:
         """Whether the mutex has an owner (or one is being handed it). Thread: any."""
         return self._taken.locked()
 
-    def acquire(self) -> None:
-        """Lock the mutex, yielding while another coroutine holds it. Coroutine only."""
+    def acquire(self) -> bool:
+        """Lock the mutex, yielding while another coroutine holds it; return True.
+
+        Coroutine only.
+        """
         try:
             co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
         except AttributeError:
@@ -155,6 +157,11 @@ class CoMutex:
         # Push onto the coroutine's chain of held mutexes (see release()).
         self._next_held = co._held
         co._held = self
+        return True
+
+    # `with mutex:` calls these directly (one Python call each way, not two);
+    # like threading.Lock, `with mutex as x` binds True.
+    __enter__ = acquire
 
     def _acquire_slow(self, co: Coroutine[Any]) -> None:
         holder = self.holder
@@ -188,7 +195,7 @@ class CoMutex:
         # Woken only by the hand-off that made us the holder.
         assert self.holder is co, (self, co)
 
-    def release(self) -> None:
+    def release(self, *_exc_info: object) -> None:
         """Unlock, handing the mutex to the first waiter if any. Coroutine only (holder)."""
         try:
             co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
@@ -231,14 +238,4 @@ class CoMutex:
             return False
         return True
 
-    def __enter__(self) -> CoMutex:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
+    __exit__ = release
