@@ -425,9 +425,8 @@ def _switch_in(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) ->
     """Enter `to` once from `current`, until it yields or finishes."""
     g = to._greenlet
     if g is None:
-        _start(ctx, to, current)
-        return
-    if g.parent is not current:
+        g = _bind(ctx, to, current)
+    elif g.parent is not current:
         try:
             g.parent = current
         except ValueError:  # greenlet refuses a parent from another thread
@@ -457,30 +456,19 @@ POOL_SIZE = 128
 _FINISHED: Any = object()
 
 
-def _start(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> None:
-    """The first enter of `to`: bind it to this thread and call fn."""
+def _bind(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> _CoGreenlet:
+    """Give `to` a greenlet (a pooled one if any) and bind it to this thread."""
     pool = ctx._co_pool if ctx is not None else None
     if pool:
         g = pool.pop()
         if g.parent is not current:
             g.parent = current
     else:
-        g = _CoGreenlet(_trampoline)
+        g = _CoGreenlet(_trampoline)  # its parent is `current`
     g.co = to
     to._greenlet = g
     to._thread = ctx._thread if ctx is not None else threading.get_ident()
-    if to._live_in is not ctx:
-        _rehome(to, ctx)
-    to._caller = current
-    if ctx is not None:
-        ctx._co_entered += 1
-    try:
-        result = g.switch()
-    except BaseException as exc:
-        _died_raising(ctx, to, exc)
-        return
-    if result is _FINISHED:
-        _finished(ctx, to, g)
+    return g
 
 
 def _trampoline() -> None:

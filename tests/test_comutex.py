@@ -15,6 +15,7 @@ import time
 from collections import deque
 
 import pytest
+from helpers import drain
 
 from corun import (
     AioContext,
@@ -33,12 +34,6 @@ pytestmark = pytest.mark.timeout(20)
 def ctx():
     with AioContext("test-comutex") as c:
         yield c
-
-
-def drain(ctx):
-    """Run ctx's loop (we are its home thread) until nothing is left to do."""
-    while ctx.poll(blocking=False):
-        pass
 
 
 def wait_for(predicate, timeout=10.0):

@@ -15,6 +15,7 @@ import threading
 import warnings
 
 import pytest
+from helpers import in_other_thread
 
 import corun
 from corun import AioContext, Coroutine, IOThread, current_context, current_coroutine, yield_
@@ -32,23 +33,6 @@ def ctx():
 def iothread():
     with IOThread(name="test-ctx-io") as t:
         yield t
-
-
-def in_other_thread(fn):
-    """Run fn() in a fresh plain thread; return (ok, value-or-exception)."""
-    outcome = []
-
-    def main():
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:
-            outcome.append((False, exc))
-
-    t = threading.Thread(target=main)
-    t.start()
-    t.join(10)
-    assert not t.is_alive()
-    return outcome[0]
 
 
 def assert_still_works(ctx: AioContext) -> None:

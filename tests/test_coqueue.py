@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from helpers import drain
 
 import corun
 from corun import AioContext, CoMutex, CoQueue, IOThread, current_coroutine
@@ -24,12 +25,6 @@ pytestmark = pytest.mark.timeout(20)
 def ctx():
     with AioContext("test-coqueue") as c:
         yield c
-
-
-def drain(ctx):
-    """Run ctx's loop (we are its home thread) until nothing is left to do."""
-    while ctx.poll(blocking=False):
-        pass
 
 
 def wait_for(predicate, timeout=10.0):

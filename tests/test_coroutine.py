@@ -10,6 +10,7 @@ import re
 import threading
 
 import pytest
+from helpers import in_other_thread
 
 import corun
 from corun import AioContext, Coroutine, current_coroutine, in_coroutine, yield_
@@ -25,19 +26,7 @@ def ctx():
 
 def run_in_thread(fn):
     """Run fn() in a fresh plain thread (no context); return or raise its outcome."""
-    outcome = []
-
-    def main():
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:
-            outcome.append((False, exc))
-
-    t = threading.Thread(target=main)
-    t.start()
-    t.join(10)
-    assert not t.is_alive()
-    ok, value = outcome[0]
+    ok, value = in_other_thread(fn)
     if not ok:
         raise value
     return value

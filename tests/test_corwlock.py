@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from helpers import drain
 
 import corun
 from corun import AioContext, Coroutine, CoRwLock, IOThread, yield_
@@ -26,12 +27,6 @@ pytestmark = pytest.mark.timeout(20)
 def ctx():
     with AioContext("test-corwlock") as c:
         yield c
-
-
-def drain(ctx):
-    """Run ctx's loop (we are its home thread) until nothing is left to do."""
-    while ctx.poll(blocking=False):
-        pass
 
 
 def take_write_lock(lock):

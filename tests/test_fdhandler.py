@@ -7,10 +7,9 @@ QEMU's tests is in test_notifier.py.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 
 import pytest
+from helpers import in_other_thread, socket_pair
 
 from corun import AioContext
 
@@ -25,28 +24,8 @@ def ctx():
 
 @pytest.fixture
 def pair():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
-
-
-def in_other_thread(fn):
-    outcome = []
-
-    def main():
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:
-            outcome.append((False, exc))
-
-    t = threading.Thread(target=main)
-    t.start()
-    t.join(10)
-    assert not t.is_alive()
-    return outcome[0]
+    with socket_pair() as ab:
+        yield ab
 
 
 def test_reader_runs_when_readable(ctx, pair):

@@ -7,11 +7,11 @@ handler is gone afterwards, and misuse raises RuntimeError.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
+from helpers import drain, socket_pair
 
 from corun import AioContext, IOThread, current_context, wait_readable, wait_writable
 
@@ -26,17 +26,8 @@ def ctx():
 
 @pytest.fixture
 def pair():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    with a, b:
-        yield a, b
-
-
-def drain(ctx):
-    """Run ctx's loop (we are its home thread) until nothing is left to do."""
-    while ctx.poll(blocking=False):
-        pass
+    with socket_pair() as ab:
+        yield ab
 
 
 def fill(sock):
