@@ -40,7 +40,7 @@ from greenlet import getcurrent
 
 from . import _thread
 from .bh import SCHEDULED, BottomHalf
-from .coroutine import Coroutine, _enter, _settle, _switch_in, current_coroutine
+from .coroutine import Coroutine, _CoGreenlet, _enter, _settle, _switch_in, current_coroutine
 from .fdhandler import READ, WRITE, Handler, fileno_of, make_poller
 from .notifier import EventNotifier
 from .timer import Timer, TimerList
@@ -113,7 +113,7 @@ class AioContext:
         self._exc_handler: ExceptionHandler | None = None
         self._thread_pool: ThreadPoolExecutor | None = None
         # Greenlets of finished coroutines, for new ones (coroutine.POOL_SIZE).
-        self._co_pool: list[Any] = []
+        self._co_pool: list[_CoGreenlet] = []
 
         # Counters: written by the home thread only, except notify_writes,
         # which is written only while holding _event_armed.
