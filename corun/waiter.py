@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import context as _context
-from .coroutine import current_coroutine, yield_
+from .coroutine import yield_
 
 if TYPE_CHECKING:
     from .coroutine import Coroutine
@@ -34,13 +34,12 @@ TIMEOUT: Any = object()
 class Waiter:
     """One wake-up for `co` (or, if `co` is None, for the calling thread)."""
 
-    __slots__ = ("_claim", "_inline", "_latch", "co", "value")
+    __slots__ = ("_claim", "_latch", "co", "value")
 
     def __init__(self, co: Coroutine[Any] | None) -> None:
         self.co = co
         self.value: Any = _PENDING
         self._claim = threading.Lock()
-        self._inline = False  # fired by the waiting coroutine itself, before it waited
         self._latch: threading.Lock | None = None
         if co is None:
             self._latch = threading.Lock()
@@ -55,10 +54,7 @@ class Waiter:
         self.value = value
         co = self.co
         if co is not None:
-            if co is current_coroutine():
-                self._inline = True  # not suspended yet: wait() will not yield
-            else:
-                _context.wake(co)
+            _context.wake(co)
         else:
             assert self._latch is not None
             self._latch.release()
@@ -88,8 +84,6 @@ class Waiter:
                 if self.cancel():
                     return False
                 self._latch.acquire()  # a fire() won the race: it is releasing
-            return self.value is not TIMEOUT
-        if self._inline:
             return self.value is not TIMEOUT
         timer = None
         if timeout is not None:
