@@ -71,11 +71,7 @@ class BottomHalf:
             raise RuntimeError(f"cannot schedule {self!r}: {ctx!r} is closed")
         self._mode = mode
         if self._queued.acquire(False):
-            queue = ctx._bh_q if mode == SCHEDULED else ctx._idle_q
-            queue.append(self)
-            ctx.notify()
-            if ctx._closed:
-                ctx._late(queue, self)
+            ctx._submit(ctx._bh_q if mode == SCHEDULED else ctx._idle_q, self)
         elif mode == SCHEDULED:
             # Queued already, perhaps as idle: make sure the loop does not
             # wait the idle delay for it.

@@ -159,6 +159,21 @@ class AioContext:
         if self._notify_me and self._event_armed.acquire(False):
             self._write_event()
 
+    def _submit(self, queue: deque[Any], item: Any) -> None:
+        """The one door in from any thread: append `item`, then notify.
+
+        All it does is one atomic append and, if the loop may be asleep, one
+        eventfd write (notify(), inlined: this is the hot path of schedule,
+        call_soon, bh.schedule and remote timer changes). Pairs with _pass():
+        the item is published before _notified is stored and _notify_me read.
+        """
+        queue.append(item)
+        self._notified = True
+        if self._notify_me and self._event_armed.acquire(False):
+            self._write_event()
+        if self._closed:
+            self._late(queue, item)
+
     def _write_event(self) -> None:
         """Write the eventfd; called only by the one holder of _event_armed."""
         try:
@@ -215,15 +230,7 @@ class AioContext:
             raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
         co._sched_where = self
         co.ctx = self
-        q = self._ready
-        # Publish, then notify (inlined: this is the hot path): pairs with
-        # _pass(), see notify().
-        q.append(co)
-        self._notified = True
-        if self._notify_me and self._event_armed.acquire(False):
-            self._write_event()
-        if self._closed:
-            self._late(q, co)
+        self._submit(self._ready, co)
 
     def enter(self, co: Coroutine[Any]) -> None:
         """Enter `co` here (aio_co_enter). Thread: any.
@@ -255,15 +262,7 @@ class AioContext:
         """Run cb(*args) once at the next poll (aio_bh_schedule_oneshot). Thread: any."""
         if self._closed:
             raise RuntimeError(f"cannot call_soon({cb!r}): {self!r} is closed")
-        item = (cb, args)
-        q = self._ready
-        q.append(item)
-        # notify(), inlined as in schedule().
-        self._notified = True
-        if self._notify_me and self._event_armed.acquire(False):
-            self._write_event()
-        if self._closed:
-            self._late(q, item)
+        self._submit(self._ready, (cb, args))
 
     def call_sync(
         self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None, **kwargs: Any

@@ -107,13 +107,8 @@ class TimerList:
         if threading.get_ident() == ctx._thread:
             self._apply(timer, when, seq)
             return
-        item = (timer, when, seq)
-        self.inbox.append(item)
-        # Pairs with AioContext._pass, which applies the inbox before it
-        # computes its timeout: the append is published before notify().
-        ctx.notify()
-        if ctx._closed:
-            ctx._late(self.inbox, item)
+        # AioContext._pass applies the inbox before it computes its timeout.
+        ctx._submit(self.inbox, (timer, when, seq))
 
     def _apply(self, timer: Timer, when: float | None, seq: int) -> None:
         if seq < timer._seq:
