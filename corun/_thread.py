@@ -6,14 +6,18 @@ running coroutine is not stored here: it is derived from the running greenlet
 
 After os.fork() only the forking thread exists in the child. Its copy of the
 thread-local still names the parent's context, which is unusable there, so
-the child forgets it (API.md, "Processes").
+the child forgets it, and every context of the parent is marked inherited
+(API.md, "Processes").
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING
+
+from greenlet import getcurrent
 
 if TYPE_CHECKING:
     from .context import AioContext
@@ -27,9 +31,24 @@ class _ThreadState(threading.local):
 
 _tls = _ThreadState()
 
+# Every open context of this process, for fork (and for inspection). Weak:
+# a context that nobody holds is garbage collected (and its fds closed).
+_contexts: weakref.WeakSet[AioContext] = weakref.WeakSet()
+
 
 def _forget_contexts_after_fork() -> None:
+    """In a fork child: no open context, not in a coroutine (API.md, "Processes")."""
     _tls.ctx = None
+    for ctx in list(_contexts):
+        ctx._after_fork_in_child()
+    _contexts.clear()
+    # Forked from inside a coroutine (multiprocessing's fork start method
+    # does that): the child goes on in that coroutine's greenlet, but it is
+    # no longer a corun coroutine there; without `co`, the greenlet reads as
+    # a plain one everywhere (current_coroutine() is None, run() works).
+    current = getcurrent()
+    if getattr(current, "co", None) is not None:
+        del current.co  # type: ignore[attr-defined]
 
 
 if hasattr(os, "register_at_fork"):

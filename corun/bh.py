@@ -67,8 +67,8 @@ class BottomHalf:
         if self._deleted:
             raise RuntimeError(f"cannot schedule {self!r}: it was deleted")
         ctx = self._ctx
-        if ctx._closed:
-            raise RuntimeError(f"cannot schedule {self!r}: {ctx!r} is closed")
+        if ctx._closed and ctx._refuses():
+            raise ctx._refusal(repr(self))
         self._mode = mode
         if self._queued.acquire(False):
             ctx._submit(ctx._bh_q if mode == SCHEDULED else ctx._idle_q, self)

@@ -192,8 +192,19 @@ class CoMutex:
                 if self._hand_off(head):
                     break
         yield_()
-        # Woken only by the hand-off that made us the holder.
-        assert self.holder is co, (self, co)
+        # Woken by the hand-off that made us the holder; anything else is a
+        # stray wake() from outside the mutex. Not an assert: under
+        # `python -O` it would let us in beside the holder.
+        while self.holder is not co:
+            _report(
+                co.ctx,
+                RuntimeError(
+                    f"{co!r} was woken while waiting for {self!r}, which it does not hold "
+                    "yet: a wake() that was not the mutex's hand-off; it goes on waiting"
+                ),
+                co,
+            )
+            yield_()
 
     def release(self, *_exc_info: object) -> None:
         """Unlock, handing the mutex to the first waiter if any. Coroutine only (holder)."""

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import threading
 import time as _time
 import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -40,7 +42,19 @@ from greenlet import getcurrent
 
 from . import _thread
 from .bh import SCHEDULED, BottomHalf
-from .coroutine import Coroutine, _CoGreenlet, _enter, _settle, _switch_in, current_coroutine
+from .coroutine import (
+    _FINISHED,
+    FATAL,
+    Coroutine,
+    _CoGreenlet,
+    _enter,
+    _finished,
+    _prepare,
+    _settle,
+    _take_back,
+    _unwind,
+    current_coroutine,
+)
 from .fdhandler import READ, WRITE, Handler, fileno_of, make_poller
 from .notifier import EventNotifier
 from .timer import Timer, TimerList
@@ -73,9 +87,14 @@ class AioContext:
         self.name: str = name if name is not None else f"ctx-{next(_ctx_names)}"
         self._thread = threading.get_ident()
         self._thread_name = threading.current_thread().name
+        # Invariants: _closed is set once, when close() starts; from then on
+        # other threads are refused, while the home thread may queue work
+        # until the drain ends (_draining). _released: the fds are closed.
         self._closed = False
-        self._closing = False
-        self._depth = 0  # passes running now (nested poll() makes it > 1)
+        self._draining = False
+        self._released = False
+        self._inherited = False  # True in a forked child: see _after_fork_in_child()
+        self._interrupted = False  # a pass was left by an exception: see _recover()
 
         # Lock-free queues: any thread appends, the home thread pops.
         # call_soon() callbacks, as (cb, args) tuples, and scheduled coroutines.
@@ -126,9 +145,15 @@ class AioContext:
         self._fd_events = 0
 
         tls.ctx = self
+        _thread._contexts.add(self)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        if self._inherited:
+            state = "inherited across fork"
+        elif self._draining:
+            state = "closing"
+        else:
+            state = "closed" if self._closed else "open"
         return f"<AioContext {self.name!r} {state} thread={self._thread_name!r}>"
 
     def __enter__(self) -> AioContext:
@@ -190,14 +215,18 @@ class AioContext:
     def _late(self, queue: deque[Any], item: Any) -> None:
         """A producer appended `item`, then saw the context closed.
 
-        close() holds _close_lock while it drains and only sets _closed
-        when it is about to drain for the last time, so once we hold the
-        lock, `item` has either run (it is gone) or never will (it is still
+        close() sets _closed, drains, then holds _close_lock for its last
+        drain and the release of its resources; so once we hold the lock,
+        `item` has either run (it is gone) or never will (it is still
         there): then we take it back and raise, so nothing is dropped
-        silently. Only a producer racing close() ever waits here.
+        silently. Only a producer racing close() ever waits here, at most
+        once per producer thread, so close() is bounded.
         """
         if threading.get_ident() == self._thread:
-            return  # close() runs on this thread and drains until empty
+            if self._draining:
+                return  # close() runs on this thread and drains until empty
+            queue.remove(item)  # pragma: no cover - the home thread checks first
+            raise self._refusal(repr(item))
         with self._close_lock:
             try:
                 queue.remove(item)
@@ -208,7 +237,26 @@ class AioContext:
             item._sched.release()
         elif isinstance(item, BottomHalf):
             item._queued.release()
-        raise RuntimeError(f"{self!r} closed before {item!r} could run")
+        raise self._refusal(repr(item), "before it could run")
+
+    def _refuses(self) -> bool:
+        """Whether the calling thread may no longer queue work here (cold path).
+
+        Called only once _closed is seen: other threads are refused from the
+        moment close() starts; the home thread until its drain ends.
+        """
+        return not (self._draining and threading.get_ident() == self._thread)
+
+    def _refusal(self, what: str, when: str = "") -> RuntimeError:
+        """The error for queueing `what` on this closed (or inherited) context."""
+        if self._inherited:
+            return RuntimeError(
+                f"cannot queue {what} on {self!r}: it was inherited across fork and "
+                "belongs to the parent process; create a new context in the child"
+            )
+        if when:
+            return RuntimeError(f"{self!r} closed {when}: {what} was not run")
+        return RuntimeError(f"cannot queue {what}: {self!r} is closed")
 
     def schedule(self, co: Coroutine[Any]) -> None:
         """Queue `co` to be entered by this context's loop (aio_co_schedule). Thread: any.
@@ -224,8 +272,8 @@ class AioContext:
                 "thread (a greenlet never changes threads); call into the context "
                 "instead: ctx.spawn(fn).join() or ctx.call_sync(fn)"
             )
-        if self._closed:
-            raise RuntimeError(f"cannot schedule {co!r}: {self!r} is closed")
+        if self._closed and self._refuses():
+            raise self._refusal(repr(co))
         if not co._sched.acquire(False):
             raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
         co._sched_where = self
@@ -260,8 +308,8 @@ class AioContext:
 
     def call_soon(self, cb: Callable[..., Any], /, *args: Any) -> None:
         """Run cb(*args) once at the next poll (aio_bh_schedule_oneshot). Thread: any."""
-        if self._closed:
-            raise RuntimeError(f"cannot call_soon({cb!r}): {self!r} is closed")
+        if self._closed and self._refuses():
+            raise self._refusal(f"call_soon({cb!r})")
         self._submit(self._ready, (cb, args))
 
     def call_sync(
@@ -274,8 +322,8 @@ class AioContext:
         (fn may still run later; its outcome is then dropped). Thread: any.
         """
         if threading.get_ident() == self._thread:
-            if self._closed:
-                raise RuntimeError(f"cannot call_sync({fn!r}): {self!r} is closed")
+            if self._closed and self._refuses():
+                raise self._refusal(f"call_sync({fn!r})")
             return fn(*args, **kwargs)
         from .waiter import Waiter
 
@@ -289,14 +337,11 @@ class AioContext:
         outcome: list[Any] = []
 
         def run_there() -> None:
+            # Whatever fn raises, SystemExit included, is the caller's alone.
             try:
                 outcome.append((True, fn(*args, **kwargs)))
             except BaseException as exc:
                 outcome.append((False, exc))
-                waiter.fire()
-                if not isinstance(exc, Exception):
-                    raise  # KeyboardInterrupt/SystemExit: also stop that loop
-                return
             waiter.fire()
 
         self.call_soon(run_there)
@@ -345,7 +390,9 @@ class AioContext:
             try:
                 handler(self, exc, origin)
                 return
-            except Exception as handler_exc:
+            except FATAL:
+                raise
+            except BaseException as handler_exc:
                 logger.error(
                     "exception handler %r of %r failed", handler, self, exc_info=handler_exc
                 )
@@ -375,7 +422,9 @@ class AioContext:
 
     def _check_poll(self) -> None:
         if self._closed:
-            raise RuntimeError(f"cannot poll {self!r}: it is closed")
+            raise self._refusal("poll()") if self._inherited else RuntimeError(
+                f"cannot poll {self!r}: it is closed"
+            )
         if threading.get_ident() != self._thread:
             self._check_home("poll")
         if getattr(getcurrent(), "co", None) is not None:
@@ -402,14 +451,33 @@ class AioContext:
         `timeout`: how long to wait for work at most (None: no limit; 0:
         do not wait).
         """
-        self._depth += 1
         try:
             return self._pass_once(timeout)
-        finally:
-            self._depth -= 1
+        except BaseException:
+            # KeyboardInterrupt, SystemExit, or an exception a signal handler
+            # raised: the next pass repairs what it may have left half done.
+            self._interrupted = True
+            raise
+
+    def _recover(self) -> None:
+        """Repair the notify state after a pass was interrupted. Thread: home.
+
+        The interrupt may have landed after epoll reported the eventfd's
+        edge and before the loop released _event_armed: then no producer
+        would ever write the eventfd again, and the context would be deaf.
+        So release it, and do not sleep before looking at the queues. A
+        producer that still holds it and writes later only causes one
+        spurious wake-up, which _pass_once tolerates.
+        """
+        self._interrupted = False
+        self._notify_me = False
+        self._notified = True
+        _release_quietly(self._event_armed)
 
     def _pass_once(self, timeout: float | None) -> bool:
         self._polls += 1
+        if self._interrupted:
+            self._recover()
         timers = self._timers
         if timers.inbox:
             timers.apply_inbox()
@@ -445,8 +513,12 @@ class AioContext:
                         self._notifier.test_and_clear()
                     # Pairs with notify(): this wake-up is consumed (the
                     # eventfd read, or its edge reported) before a new
-                    # writer may arm it again.
-                    self._event_armed.release()
+                    # writer may arm it again. Already released only after
+                    # an interrupted pass (see _recover).
+                    try:
+                        self._event_armed.release()
+                    except RuntimeError:
+                        pass
                 elif ready is None:
                     ready = [(fd, mask)]
                 else:
@@ -476,26 +548,42 @@ class AioContext:
         return progress
 
     def _run_bhs(self, queue: deque[BottomHalf], n: int) -> bool:
+        """Run the first `n` bottom halves of `queue`; True if a non-idle one ran.
+
+        Interrupt safety as in _run_ready: a BH taken but not called is put
+        back with its mode (see coroutine.py, "Interrupt safety").
+        """
         progress = False
-        for _ in range(n):
-            try:
-                bh = queue.popleft()
-            except IndexError:
-                break
-            # Pairs with BottomHalf._enqueue: release first, then read the
-            # mode; see bh.py for why no schedule is lost.
-            bh._queued.release()
-            mode = bh._mode
-            if not mode:
-                continue  # cancelled or deleted
-            bh._mode = 0
-            if mode == SCHEDULED:
-                progress = True
-            self._bh_calls += 1
-            try:
-                bh._cb(*bh._args)
-            except Exception as exc:
-                self._report(exc, bh._cb)
+        bh = started = released = cleared = None
+        mode = 0
+        try:
+            for bh in islice(iter(queue.popleft, None), n):
+                # Pairs with BottomHalf._enqueue: release first, then read the
+                # mode; see bh.py for why no schedule is lost.
+                (released := bh)._queued.release()
+                mode = bh._mode
+                if not mode:
+                    continue  # cancelled or deleted
+                cleared = bh
+                bh._mode = 0
+                if mode == SCHEDULED:
+                    progress = True
+                self._bh_calls += 1
+                # One line: see coroutine.py, "One-line try".
+                try: (started := bh)._cb(*bh._args)  # noqa: E701
+                except FATAL:
+                    raise
+                except BaseException as exc:
+                    self._report(exc, bh._cb)
+        except IndexError:
+            pass  # a nested poll() ran the rest
+        except BaseException:
+            if bh is not None and started is not bh:
+                if cleared is bh and not bh._mode:
+                    bh._mode = mode
+                if released is not bh or bh._queued.acquire(False):
+                    queue.appendleft(bh)
+            raise
         return progress
 
     def _run_ready(self, n: int) -> None:
@@ -504,41 +592,59 @@ class AioContext:
         The coroutine half is QEMU's co_schedule_bh_cb. Both kinds share one
         deque, so work that one thread submits runs in submission order
         whatever its kind (a call_sync() after a spawn() runs after the
-        coroutine has started).
+        coroutine has started). Interrupted anywhere, an item taken but not
+        started goes back to the front (see coroutine.py, "Interrupt safety").
         """
-        q = self._ready
         current = getcurrent()
-        for _ in range(n):
-            try:
-                item = q.popleft()
-            except IndexError:
-                break  # a nested poll() ran the rest
-            if isinstance(item, tuple):
-                cb, args = item
-                self._bh_calls += 1
-                try:
-                    cb(*args)
-                except Exception as exc:
-                    self._report(exc, cb)
-                continue
-            co = item
-            self._co_scheduled += 1
-            co._sched_where = None
-            # Pairs with schedule(): from here on a producer may schedule
-            # co again, even before it yields (it is entered after that).
-            co._sched.release()
-            if co.done:
-                self._report(
-                    RuntimeError(f"{co!r} was scheduled on {self!r} but finished first"), co
-                )
-                continue
-            try:
-                _switch_in(self, co, current)
-            except Exception as exc:  # could not even be entered (lost a race)
-                self._report(exc, co)
-                continue
-            if co.done or co._wakeups is not None:
-                _settle(self, co, current, False)
+        item: Any = None
+        started: object = None
+        released: object = None
+        try:
+            for item in islice(iter(self._ready.popleft, None), n):
+                if item.__class__ is tuple:
+                    self._bh_calls += 1
+                    # One line: see coroutine.py, "One-line try".
+                    try: (started := item)[0](*item[1])  # noqa: E701
+                    except FATAL:
+                        raise
+                    except BaseException as exc:
+                        self._report(exc, item[0])
+                    continue
+                co = item
+                self._co_scheduled += 1
+                co._sched_where = None
+                if co.done:
+                    (released := co)._sched.release()
+                    self._report(
+                        RuntimeError(f"{co!r} was scheduled on {self!r} but finished first"), co
+                    )
+                    continue
+                try: g = _prepare(self, co, current)  # noqa: E701
+                except Exception as exc:  # could not even be entered (lost a race)
+                    (released := co)._sched.release()
+                    self._report(exc, co)
+                    continue
+                co._caller = current
+                # Pairs with schedule(): from here on a producer may schedule
+                # co again, even before it yields (it is entered after that).
+                (released := co)._sched.release()
+                result = (started := co)._greenlet.switch()
+                if result is _FINISHED:
+                    _finished(self, co, g)
+                if co.done or co._wakeups is not None:
+                    _settle(self, co, current, False)
+        except IndexError:
+            pass  # a nested poll() ran the rest
+        except BaseException as exc:
+            if isinstance(item, Coroutine):
+                if started is item:
+                    _unwind(self, item, True, exc)
+                elif _take_back(item, released):
+                    item._sched_where = self
+                    self._ready.appendleft(item)
+            elif item is not None and started is not item:
+                self._ready.appendleft(item)
+            raise
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> bool:
         ran = False
@@ -554,7 +660,9 @@ class AioContext:
                     self._fd_events += 1
                     try:
                         h[0](*h[1])
-                    except Exception as exc:
+                    except FATAL:
+                        raise
+                    except BaseException as exc:
                         self._report(exc, h[0])
             if mask & WRITE:
                 # Re-read: the reader may have removed or replaced the writer.
@@ -564,14 +672,16 @@ class AioContext:
                     self._fd_events += 1
                     try:
                         h[0](*h[1])
-                    except Exception as exc:
+                    except FATAL:
+                        raise
+                    except BaseException as exc:
                         self._report(exc, h[0])
         return ran
 
     def _set_handler(self, fd: Any, index: int, handler: Handler | None, what: str) -> bool:
         self._check_home(what)
-        if self._closed:
-            raise RuntimeError(f"cannot {what}() on {self!r}: it is closed")
+        if self._closed and self._refuses():
+            raise self._refusal(f"{what}({fd!r})")
         n = fileno_of(fd)
         if n == self._notify_fd:
             raise ValueError(f"{self!r}: fd {n} is the context's own notifier")
@@ -618,33 +728,36 @@ class AioContext:
     def close(self) -> None:
         """Run what is queued, then release the context's resources. Idempotent.
 
-        Coroutines still suspended are reported with a ResourceWarning.
-        Afterwards every call that would queue work here raises. Thread: home,
-        outside coroutines.
+        From the moment it starts, other threads are refused (so close is
+        bounded however busy they are); the home thread may still queue
+        work, which the drain runs, until nothing is queued. Coroutines
+        still suspended then are reported with a ResourceWarning.
+        Afterwards every call that would queue work here raises. Thread:
+        home, outside coroutines.
         """
-        if self._closed or self._closing:
+        if self._closed:
             return
         self._check_home("close")
         if getattr(getcurrent(), "co", None) is not None:
             raise RuntimeError(f"{self!r}.close() called inside {current_coroutine()!r}")
-        if self._depth:
+        if self._running_a_pass():
             raise RuntimeError(
                 f"{self!r}.close() called from work its own loop is running; close it "
                 "after poll() returns (for an IOThread: t.stop() or t.join())"
             )
-        self._closing = True
-        with self._close_lock:
-            try:
-                while self._has_work() or self._idle_q:
-                    self._pass(0.0)
-                # From here producers on other threads raise (or take their
-                # item back in _late); one more drain runs what they
-                # appended before they could see it.
-                self._closed = True
-                while self._has_work() or self._idle_q:
-                    self._pass(0.0)
-            finally:
-                self._closed = True
+        # Pairs with _submit(): a producer that appended before it could see
+        # _closed is either drained here or takes its item back in _late().
+        self._closed = True
+        self._draining = True
+        try:
+            self._drain()
+            with self._close_lock:
+                self._drain()  # what raced in before its producer saw _closed
+                self._draining = False
+                self._release_resources()
+        finally:
+            if self._draining:  # interrupted: no more work runs here
+                self._draining = False
                 self._release_resources()
         suspended = [co for co in self._live if not co.done]
         self._live.clear()
@@ -655,6 +768,23 @@ class AioContext:
                 ResourceWarning,
                 stacklevel=2,
             )
+
+    def _running_a_pass(self) -> bool:
+        """Whether the caller runs inside one of this context's passes (cold path).
+
+        Read off the stack rather than kept in a counter, which an
+        interrupt could leave wrong.
+        """
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is _PASS_CODE and frame.f_locals.get("self") is self:
+                return True
+            frame = frame.f_back  # type: ignore[assignment]
+        return False
+
+    def _drain(self) -> None:
+        while self._has_work() or self._idle_q:
+            self._pass(0.0)
 
     def _get_thread_pool(self) -> ThreadPoolExecutor:
         """This context's worker pool for run_in_thread(), made on first use. Thread: home."""
@@ -667,8 +797,12 @@ class AioContext:
         return pool
 
     def _release_resources(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        _thread._contexts.discard(self)
         pool = self._thread_pool
-        if pool is not None:
+        if pool is not None and not self._inherited:
             # Workers still running finish on their own; their wake-ups then
             # find the context closed and are reported by concurrent.futures.
             pool.shutdown(wait=False)
@@ -679,6 +813,57 @@ class AioContext:
         self._poller.close()
         with self._write_lock:
             self._notifier.close()
+
+    def __del__(self) -> None:
+        # Never closed, and its thread is gone: at least give the fds back,
+        # and say so, as an unclosed socket does. No work runs here.
+        if getattr(self, "_released", True):
+            return
+        if not self._inherited:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
+        self._closed = True
+        self._released = True
+        self._poller.close()
+        self._notifier.close()
+
+    def _after_fork_in_child(self) -> None:
+        """This process is a fork child: the context belongs to the parent.
+
+        Nothing here may touch what the parent's loop relies on: the
+        eventfd and the epoll set are shared with the parent, so the child
+        never writes or modifies them; it only closes its own copies of the
+        fds. The locks may have been held by threads that do not exist
+        here: they are replaced. From now on every call that would queue
+        work raises, and close()/join() are quiet no-ops.
+        """
+        self._inherited = True
+        self._closed = True
+        self._draining = False
+        self._released = True
+        self._notify_me = False
+        self._event_armed = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._thread_pool = None
+        self._co_pool.clear()
+        self._fds.clear()
+        self._live.clear()
+        for close in (self._poller.close, self._notifier.close):
+            try:
+                close()
+            except OSError:
+                pass
+
+
+_PASS_CODE = AioContext._pass.__code__
+
+
+def _release_quietly(lock: threading.Lock) -> None:
+    """Release `lock` if it is held. Only the home thread releases the ones used here."""
+    try:
+        lock.release()
+    except RuntimeError:
+        pass
 
 
 def _defer(me: Coroutine[Any], co: Coroutine[Any]) -> None:

@@ -106,22 +106,25 @@ class CoQueue:
 
     def enter_next(self, lock: Lockable | None = None) -> bool:
         """Like next(), but release `lock` around the wake-up. Thread: any."""
-        try:
-            co = self._waiters.popleft()
-        except IndexError:
-            return False
-        if lock is not None:
+        # A loop, not recursion: any number of waiters may be dead.
+        while True:
             try:
-                lock.release()
-            except BaseException:
-                self._waiters.appendleft(co)  # not woken: keep its place
-                raise
-        try:
-            woken = self._wake(co)
-        finally:
+                co = self._waiters.popleft()
+            except IndexError:
+                return False
             if lock is not None:
-                lock.acquire()
-        return woken or self.enter_next(lock)
+                try:
+                    lock.release()
+                except BaseException:
+                    self._waiters.appendleft(co)  # not woken: keep its place
+                    raise
+            try:
+                woken = self._wake(co)
+            finally:
+                if lock is not None:
+                    lock.acquire()
+            if woken:
+                return True
 
     def empty(self) -> bool:
         """Whether no coroutine waits. Thread: any."""

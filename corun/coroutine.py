@@ -35,6 +35,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextvars import copy_context
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -109,6 +110,7 @@ class Coroutine(Generic[T]):
         "_exc_owned",
         "_waiters",
         "_held",
+        "_context",
     )
 
     def __init__(
@@ -149,6 +151,8 @@ class Coroutine(Generic[T]):
         # CoMutex._next_held, so that finishing while holding one is reported
         # instead of leaking the lock silently.
         self._held: Any = None
+        # The contextvars it runs in: a copy of its creator's (as asyncio tasks).
+        self._context = copy_context()
 
     # -- state -------------------------------------------------------------
 
@@ -244,17 +248,18 @@ class Coroutine(Generic[T]):
             return
         # Fast path: suspended, of this thread (its parent is our greenlet),
         # living in an open context, which is therefore this thread's.
-        self._caller = current
         ctx._co_entered += 1
+        started = None
         try:
-            result = g.switch()
-        except BaseException as exc:
-            _died_raising(ctx, self, exc)
-        else:
+            self._caller = current
+            result = (started := g).switch()
             if result is _FINISHED:
                 _finished(ctx, self, g)
-        if self.done or self._wakeups is not None:
-            _settle(ctx, self, current, explicit=True)
+            if self.done or self._wakeups is not None:
+                _settle(ctx, self, current, explicit=True)
+        except BaseException as exc:
+            _unwind(ctx, self, started is g, exc)
+            raise
 
     def _finish(self, result: Any, exc: BaseException | None) -> None:
         """fn returned `result` or raised `exc`. Thread: the coroutine's."""
@@ -407,6 +412,32 @@ def _report(ctx: AioContext | None, exc: BaseException, origin: object) -> None:
         logger.error("unhandled exception in %r", origin, exc_info=exc)
 
 
+# Never swallowed: they propagate out of enter() and poll(). Every other
+# exception, BaseExceptions included, finishes a coroutine or is reported.
+FATAL = (KeyboardInterrupt, SystemExit)
+
+# Interrupt safety. A KeyboardInterrupt (or any exception a signal handler
+# raises) can land between any two lines, and after any C call, of the code
+# that takes a coroutine out of a queue and switches into it. The rule
+# (issue 7): a coroutine taken but not yet switched into is put back, one
+# switched into counts as entered. Three devices make that exact:
+# - a queue is consumed by a `for` over `iter(q.popleft, END)`: the pop and
+#   the store into the loop variable happen in one bytecode, with no point
+#   where a signal handler could run in between;
+# - `(started := co)._greenlet.switch()` stores the marker in the same
+#   expression that switches, with no such point in between; likewise
+#   `(released := co)._sched.release()`;
+# - the except clause compares those markers with the item in hand and puts
+#   it back (_salvage) or brings its state up to date (_unwind).
+# One-line try: where an item is in hand, an inner `try:` shares its line
+# with its first statement. On its own line, CPython 3.11+ compiles it to a
+# NOP that lies outside every exception-table range, so an exception raised
+# there (by a trace function, as tests/test_signals.py does) would skip the
+# enclosing handler and lose the item.
+
+_END: Any = object()
+
+
 def _enter(ctx: AioContext | None, co: Coroutine[Any], explicit: bool) -> None:
     """Enter `co`, then every coroutine it woke on this thread, depth first.
 
@@ -416,13 +447,22 @@ def _enter(ctx: AioContext | None, co: Coroutine[Any], explicit: bool) -> None:
     Thread: the coroutine's.
     """
     current = getcurrent()
-    _switch_in(ctx, co, current)
-    if co.done or co._wakeups is not None:
-        _settle(ctx, co, current, explicit)
+    g = _prepare(ctx, co, current)
+    started = None
+    try:
+        co._caller = current
+        result = (started := g).switch()
+        if result is _FINISHED:
+            _finished(ctx, co, g)
+        if co.done or co._wakeups is not None:
+            _settle(ctx, co, current, explicit)
+    except BaseException as exc:
+        _unwind(ctx, co, started is g, exc)
+        raise
 
 
-def _switch_in(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> None:
-    """Enter `to` once from `current`, until it yields or finishes."""
+def _prepare(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> _CoGreenlet:
+    """Make `to` ready to be switched to from `current`; safe to repeat."""
     g = to._greenlet
     if g is None:
         g = _bind(ctx, to, current)
@@ -435,16 +475,9 @@ def _switch_in(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) ->
     # Invariant: _live_in is ctx implies ctx is already the home context.
     if to._live_in is not ctx:
         _rehome(to, ctx)
-    to._caller = current
     if ctx is not None:
         ctx._co_entered += 1
-    try:
-        result = g.switch()
-    except BaseException as exc:
-        _died_raising(ctx, to, exc)
-        return
-    if result is _FINISHED:
-        _finished(ctx, to, g)
+    return g
 
 
 # Creating a greenlet costs an mmap and a munmap (its frame stack) and is
@@ -465,6 +498,8 @@ def _bind(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> _CoG
             g.parent = current
     else:
         g = _CoGreenlet(_trampoline)  # its parent is `current`
+    # The contextvars the coroutine runs in (a pooled greenlet keeps none).
+    g.gr_context = to._context
     g.co = to
     to._greenlet = g
     to._thread = ctx._thread if ctx is not None else threading.get_ident()
@@ -477,8 +512,11 @@ def _trampoline() -> None:
     fn's outcome is stored on the coroutine and the greenlet switches
     _FINISHED to whoever entered it, which finishes the coroutine there and
     may put the greenlet back in its context's pool; the next coroutine then
-    arrives in `g.co`. Exceptions other than Exception
-    (KeyboardInterrupt, SystemExit, GreenletExit) end the greenlet instead.
+    arrives in `g.co`. Any exception finishes the coroutine (GreenletExit
+    and other BaseExceptions included) except KeyboardInterrupt and
+    SystemExit, which end the greenlet and propagate to whoever entered it,
+    and an exception thrown into a suspended greenlet (greenlet's
+    GreenletExit when it collects one), which ends the greenlet too.
     """
     while True:
         # The coroutine arrives through g.co, not as an argument: greenlet
@@ -503,7 +541,11 @@ def _trampoline() -> None:
                 result = fn(args[0], args[1])
             else:
                 result = fn(*args)
-        except Exception as exc:
+        except FATAL:
+            raise
+        except BaseException as exc:
+            if co._caller is None:
+                raise  # thrown in while suspended: nobody entered us
             co._exc = exc
         else:
             co._result = result
@@ -511,6 +553,9 @@ def _trampoline() -> None:
         # Keep nothing alive while idle in the pool.
         fn = args = kwargs = result = co = None
         caller.switch(_FINISHED)
+
+
+_TRAMPOLINE_CODE = _trampoline.__code__
 
 
 def _finished(ctx: AioContext | None, co: Coroutine[Any], g: _CoGreenlet) -> None:
@@ -521,58 +566,142 @@ def _finished(ctx: AioContext | None, co: Coroutine[Any], g: _CoGreenlet) -> Non
         ctx._co_pool.append(g)
 
 
-def _died_raising(ctx: AioContext | None, co: Coroutine[Any], exc: BaseException) -> None:
-    """fn raised `exc` (a yield never raises, so the greenlet is dead)."""
-    if isinstance(exc, Exception):
-        co._finish(None, exc)
+def _unwind(ctx: AioContext | None, co: Coroutine[Any], entered: bool, exc: BaseException) -> None:
+    """An exception is leaving a switch into `co`: leave `co` consistent. Cold path.
+
+    Not `entered` (interrupted before the switch): it was never entered.
+    Entered, with its greenlet dead: fn raised `exc` (KeyboardInterrupt or
+    SystemExit, which are never swallowed): the coroutine is done and
+    whoever entered it sees the exception. Entered and alive: the exception
+    landed after the switch returned, or is fn's own exception re-raised
+    to an explicit enter(): bring `co` up to date. Either way, what it woke
+    is kept for the loop.
+    """
+    if not entered:
+        co._caller = None
         return
-    # KeyboardInterrupt, SystemExit, GreenletExit: never swallowed. The
-    # coroutine is done and whoever entered it sees the exception.
-    co._exc_owned = True
-    co._finish(None, exc)
-    _requeue(ctx, co, None)
-    raise exc
+    g = co._greenlet
+    if not co.done and g is not None and g.dead:
+        co._exc_owned = True
+        co._finish(None, exc)
+    else:
+        _reconcile(ctx, co)
+    _requeue(ctx, co, ())
+
+
+def _reconcile(ctx: AioContext | None, co: Coroutine[Any]) -> None:
+    """An exception landed right after the switch into `co` returned.
+
+    Finish `co` if its fn is over (its greenlet waits in the trampoline's
+    last switch), so that joiners are woken; its wake-ups are the caller's
+    to keep. Cold path only.
+    """
+    g = co._greenlet
+    if co.done or g is None:
+        return
+    frame = g.gr_frame
+    if frame is not None and frame.f_code is _TRAMPOLINE_CODE:
+        _finished(ctx, co, g)
+        exc = co._exc
+        if exc is not None and not co._exc_owned:
+            co._exc_owned = True
+            _report(ctx, exc, co)
+
+
+def _absorb(
+    ctx: AioContext | None,
+    to: Coroutine[Any],
+    pending: deque[Coroutine[Any]],
+    explicit: bool,
+) -> BaseException | None:
+    """`to` yielded or finished: report its exception, queue what it woke.
+
+    Returns the exception instead of reporting it when `explicit` (the
+    caller of co.enter() takes it). Those `to` woke go to the front of
+    `pending`, so they run before those queued earlier (QEMU's
+    co_queue_wakeup order).
+    """
+    if to.done:
+        exc = to._exc
+        if exc is not None and not to._exc_owned:
+            if explicit:
+                return exc
+            to._exc_owned = True  # reported at most once
+            _report(ctx, exc, to)
+    wakeups = to._wakeups
+    if wakeups is not None:
+        # Interrupted between these two lines, both hold the wake-ups:
+        # _salvage keeps each once.
+        pending.extendleft(reversed(wakeups))
+        to._wakeups = None
+    return None
 
 
 def _settle(ctx: AioContext | None, co: Coroutine[Any], current: greenlet, explicit: bool) -> None:
     """`co` yielded or finished: deal with its exception, run what it woke.
 
     Coroutines woken on their own context while another one ran are
-    entered now, depth first: those a coroutine woke run before those
-    queued earlier (QEMU's co_queue_wakeup order).
+    entered now, depth first. Interrupted anywhere, nothing is lost: the
+    coroutines still queued move to the context's ready queue (_salvage).
     """
-    pending: deque[Coroutine[Any]] | None = None
-    failure: BaseException | None = None
-    to = co
-    while True:
-        if to.done:
-            exc = to._exc
-            if exc is not None and not to._exc_owned:
-                if explicit and to is co:
-                    failure = exc
-                else:
-                    _report(ctx, exc, to)
-        wakeups = to._wakeups
-        if wakeups is not None:
-            to._wakeups = None
-            if pending is None:
-                pending = deque(wakeups)
-            else:
-                pending.extendleft(reversed(wakeups))
-        if not pending:
-            break
-        to = pending.popleft()
-        to._sched_where = None
-        to._sched.release()
-        try:
-            _switch_in(ctx, to, current)
-        except Exception as exc:  # could not even be entered (lost a race)
-            _report(ctx, exc, to)
-        except BaseException:
-            _requeue(ctx, to, pending)
-            raise
+    pending: deque[Coroutine[Any]] = deque((_END,))
+    to: Coroutine[Any] | None = None
+    started = released = None
+    try:
+        failure = _absorb(ctx, co, pending, explicit)
+        # zip() hands out fresh markers with each coroutine, in the same
+        # bytecode as the pop (a coroutine may come round twice).
+        taking = zip(iter(pending.popleft, _END), _NONES, _NONES, strict=False)
+        for to, started, released in taking:
+            to._sched_where = None
+            # One line: see "One-line try" above.
+            try: g = _prepare(ctx, to, current)  # noqa: E701
+            except Exception as exc:  # could not even be entered (lost a race)
+                (released := to)._sched.release()
+                _report(ctx, exc, to)
+                continue
+            to._caller = current
+            (released := to)._sched.release()
+            result = (started := to)._greenlet.switch()  # type: ignore[union-attr]
+            if result is _FINISHED:
+                _finished(ctx, to, g)
+            _absorb(ctx, to, pending, False)
+    except BaseException as exc:
+        if to is not None and started is to:
+            _unwind(ctx, to, True, exc)
+        _salvage(ctx, co, to, started, released, pending)
+        raise
     if failure is not None:
         raise failure
+
+
+_NONES = itertools.repeat(None)
+
+
+def _salvage(
+    ctx: AioContext | None,
+    co: Coroutine[Any],
+    to: Coroutine[Any] | None,
+    started: object,
+    released: object,
+    pending: deque[Any],
+) -> None:
+    """_settle was interrupted: keep every coroutine it still had to enter."""
+    first: list[Coroutine[Any]] = []
+    if to is not None and started is not to and _take_back(to, released):
+        first.append(to)
+    _requeue(ctx, co, first + [c for c in pending if c is not _END], to)
+
+
+def _take_back(co: Coroutine[Any], released: object) -> bool:
+    """`co` was taken from a queue but not entered: may it be queued again?
+
+    Its schedule flag is still held by us, unless we had released it
+    (`released is co`): then take it again, unless somebody scheduled it
+    meanwhile (then it is queued there, and will be entered from there).
+    """
+    co._caller = None
+    return released is not co or co._sched.acquire(False)
 
 
 def _rehome(co: Coroutine[Any], ctx: AioContext | None) -> None:
@@ -586,23 +715,36 @@ def _rehome(co: Coroutine[Any], ctx: AioContext | None) -> None:
 
 
 def _requeue(
-    ctx: AioContext | None, failed: Coroutine[Any], pending: deque[Coroutine[Any]] | None
+    ctx: AioContext | None,
+    failed: Coroutine[Any],
+    leftovers: Any,
+    last: Coroutine[Any] | None = None,
 ) -> None:
-    """KeyboardInterrupt/SystemExit left `_enter`: keep the deferred wake-ups.
+    """A BaseException left `_enter`/`_settle`: keep the deferred wake-ups.
 
-    They stay scheduled (their `_sched` stays held) and move to the context's
-    scheduled list, so the loop enters them later and none is lost.
+    `leftovers` (coroutines taken but not entered) and what `failed` and
+    `last` woke stay scheduled (their `_sched` stays held) and move to the
+    front of the context's ready queue, in order and each once, so the loop
+    enters them later and none is lost.
     """
-    leftovers = list(failed._wakeups or ()) + list(pending or ())
+    queued: list[Coroutine[Any]] = []
+    seen: set[int] = set()
+    for source in (leftovers, failed._wakeups or (), (last and last._wakeups) or ()):
+        for c in source:
+            if id(c) not in seen:
+                seen.add(id(c))
+                queued.append(c)
     failed._wakeups = None
-    if not leftovers:
+    if last is not None:
+        last._wakeups = None
+    if not queued:
         return
     if ctx is None:
-        logger.error("deferred wake-ups of %r lost: %r", failed, leftovers)
+        logger.error("deferred wake-ups of %r lost: %r", failed, queued)
         return
-    for co in leftovers:
-        co._sched_where = ctx
-        ctx._ready.append(co)
+    for c in reversed(queued):
+        c._sched_where = ctx
+        ctx._ready.appendleft(c)
     ctx.notify()
 
 

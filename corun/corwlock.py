@@ -58,39 +58,46 @@ class CoRwLock:
         return f"<CoRwLock at {id(self):#x} {state}, {len(self._tickets)} waiting>"
 
     def _wake_one_and_unlock(self) -> None:
-        """Admit the first ticket if it can go in, then release _mutex."""
-        co = None
-        if self._tickets:
-            is_reader, candidate = self._tickets[0]
-            if is_reader:
-                if self._owners >= 0:
-                    self._owners += 1
-                    self._readers[candidate] = self._readers.get(candidate, 0) + 1
+        """Admit the first ticket if it can go in, then release _mutex.
+
+        A ticket whose coroutine can never run (its context closed) is
+        skipped: the hold counted for it is undone and the next ticket is
+        tried, in a loop, however many such tickets there are.
+        """
+        while True:
+            co = None
+            if self._tickets:
+                is_reader, candidate = self._tickets[0]
+                if is_reader:
+                    if self._owners >= 0:
+                        self._owners += 1
+                        self._readers[candidate] = self._readers.get(candidate, 0) + 1
+                        co = candidate
+                elif self._owners == 0:
+                    self._owners = -1
+                    self._writer = candidate
                     co = candidate
-            elif self._owners == 0:
-                self._owners = -1
-                self._writer = candidate
-                co = candidate
-        if co is not None:
-            self._tickets.popleft()
-        self._mutex.release()
-        if co is not None:
+            if co is not None:
+                self._tickets.popleft()
+            self._mutex.release()
+            if co is None:
+                return
             try:
                 wake(co)
+                return
             except RuntimeError as exc:
                 # Its context was closed while it waited: it never takes the
                 # hold we counted for it; undo that and admit the next one.
                 _report_dead_waiter(self, co, exc)
-                self._mutex.acquire()
-                if self._writer is co:
-                    self._writer = None
-                    self._owners = 0
-                else:
-                    count = self._readers.pop(co, 1)
-                    if count > 1:
-                        self._readers[co] = count - 1
-                    self._owners -= 1
-                self._wake_one_and_unlock()
+            self._mutex.acquire()
+            if self._writer is co:
+                self._writer = None
+                self._owners = 0
+            else:
+                count = self._readers.pop(co, 1)
+                if count > 1:
+                    self._readers[co] = count - 1
+                self._owners -= 1
 
     def rdlock(self) -> None:
         """Take a read hold, waiting behind any queued writer. Coroutine only."""

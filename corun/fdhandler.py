@@ -41,6 +41,20 @@ def fileno_of(fd: Any) -> int:
     return n
 
 
+# The longest wait handed to the poller, in seconds: epoll takes an int of
+# milliseconds (about 24.8 days at most) and raises OverflowError beyond.
+# A longer wait (a timer 30 days out, math.inf) wakes up once a day and
+# waits again: the loop recomputes its deadline every pass.
+MAX_WAIT = 86400.0
+
+
+def clamp_wait(timeout: float | None) -> float | None:
+    """None (wait forever) or a timeout the poller accepts."""
+    if timeout is None or timeout <= MAX_WAIT:
+        return timeout
+    return MAX_WAIT
+
+
 class Poller(Protocol):
     def set(self, fd: int, events: int) -> None: ...
     def watch_notifier(self, fd: int) -> bool: ...
@@ -93,7 +107,7 @@ if hasattr(select, "epoll"):
             return True
 
         def poll(self, timeout: float | None) -> list[tuple[int, int]]:
-            raw = self._ep.poll(-1 if timeout is None else timeout)
+            raw = self._ep.poll(-1 if timeout is None else min(timeout, MAX_WAIT))
             if not raw:
                 return []
             out = []
@@ -134,7 +148,7 @@ class SelectorPoller:
         return False
 
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
-        return [(key.fd, ev) for key, ev in self._sel.select(timeout)]
+        return [(key.fd, ev) for key, ev in self._sel.select(clamp_wait(timeout))]
 
     def close(self) -> None:
         self._sel.close()

@@ -91,6 +91,8 @@ class IOThread:
         if threading.current_thread() is self._thread:
             raise RuntimeError(f"{self!r}.join() called from the IOThread itself")
         self.stop()
+        if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+            timeout = None  # longer than the OS can wait for: as good as forever
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(f"{self!r} did not finish within {timeout} s")

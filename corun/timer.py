@@ -30,6 +30,8 @@ from collections.abc import Callable
 from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING, Any
 
+from .coroutine import FATAL
+
 if TYPE_CHECKING:
     from .context import AioContext
 
@@ -72,17 +74,20 @@ class Timer:
         if when != when:
             raise ValueError(f"{self!r}.mod(): deadline is NaN")
         ctx = self._ctx
-        if ctx._closed:
-            raise RuntimeError(f"cannot arm {self!r}: {ctx!r} is closed")
+        if ctx._closed and ctx._refuses():
+            raise ctx._refusal(repr(self))
         ctx._timers.change(self, when)
 
     def cancel(self) -> None:
-        """Disarm (timer_del); no effect if not armed. Thread: any."""
+        """Disarm (timer_del); no effect if not armed, or once the context closed. Thread: any."""
         if not self._ctx._closed:
-            self._ctx._timers.change(self, None)
-        else:
-            self._when = None
-            self._entry = None
+            try:
+                self._ctx._timers.change(self, None)
+                return
+            except RuntimeError:
+                pass  # the context closed meanwhile: nothing will fire
+        self._when = None
+        self._entry = None
 
 
 class TimerList:
@@ -139,11 +144,11 @@ class TimerList:
         """Apply what other threads asked for, in their order. Thread: home."""
         inbox = self.inbox
         for _ in range(len(inbox)):
-            try:
-                timer, when, seq = inbox.popleft()
-            except IndexError:
-                break
+            # Applied, then removed: interrupted in between, the change is
+            # applied again, which is harmless (same seq, same outcome).
+            timer, when, seq = inbox[0]
             self._apply(timer, when, seq)
+            inbox.popleft()
 
     def deadline(self) -> float | None:
         """The earliest live deadline, or None. Thread: home."""
@@ -168,20 +173,42 @@ class TimerList:
         marker = next(self._seq)
         ran = 0
         ctx = self._ctx
-        while heap:
-            entry = heap[0]
-            if entry[0] > now or entry[1] > marker:
-                break
-            heappop(heap)
-            timer = entry[2]
-            if timer._entry is not entry:
-                self._stale -= 1
-                continue
-            timer._entry = None
-            timer._when = None
-            ran += 1
-            try:
-                timer._cb(*timer._args)
-            except Exception as exc:
-                ctx._report(exc, timer._cb)
+        entry = started = None
+        try:
+            while heap:
+                entry = heap[0]
+                if entry[0] > now or entry[1] > marker:
+                    break
+                timer = entry[2]
+                if timer._entry is not entry:
+                    heappop(heap)
+                    self._stale -= 1
+                    continue
+                heappop(heap)
+                timer._entry = None
+                timer._when = None
+                ran += 1
+                # One line: see coroutine.py, "One-line try".
+                try: (started := entry)[2]._cb(*timer._args)  # noqa: E701
+                except FATAL:
+                    raise
+                except BaseException as exc:
+                    ctx._report(exc, timer._cb)
+        except BaseException:
+            if entry is not None and started is not entry:
+                self._restore(entry)
+            raise
         return ran
+
+    def _restore(self, entry: _Entry) -> None:
+        """An interrupt took `entry` off the heap before its callback ran: re-arm it.
+
+        Unless a later mod()/cancel() was applied meanwhile (then that wins).
+        """
+        timer = entry[2]
+        if timer._seq != entry[1]:
+            return
+        timer._entry = entry
+        timer._when = entry[0]
+        if not any(e is entry for e in self._heap):
+            heappush(self._heap, entry)

@@ -56,8 +56,7 @@ class Waiter:
         if co is not None:
             _context.wake(co)
         else:
-            assert self._latch is not None
-            self._latch.release()
+            self._latch.release()  # type: ignore[union-attr]
         return True
 
     def cancel(self) -> bool:
@@ -78,6 +77,8 @@ class Waiter:
             timeout = None  # a fire() won the claim: its wake-up is on the way
         if co is None:
             assert self._latch is not None
+            if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+                timeout = None  # longer than the OS can wait for: as good as forever
             if timeout is None:
                 self._latch.acquire()
             elif not self._latch.acquire(timeout=max(timeout, 0.0)):
