@@ -2,9 +2,11 @@
 
 Each script runs in a subprocess with this interpreter, as after the
 README's install, on a short budget: the stress storms for half a second
-each, the bench on its smallest case with tiny counts. One in-process test
-forces a failing invariant to check that it is named and fails the exit
-status, and one sends Ctrl-C to check that the summary still comes out.
+each (the fault-injection storm too, with and without a SIGINT storm), the
+bench on its smallest case with tiny counts. In-process tests force a
+failing invariant (of the mutex storm, of the faults storm) to check that it
+is named and fails the exit status, and one sends Ctrl-C to check that the
+summary still comes out.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -161,3 +164,118 @@ def test_stress_ctrl_c_stops_and_still_prints_the_summary() -> None:
     assert proc.returncode == 130, err
     assert "ok (interrupted)" in out
     assert "schedule/constant" not in out  # the runs after the interrupted one do not start
+
+
+def faults_run(*args: str) -> dict[str, Any]:
+    """Run `stress.py faults ... --json --quiet`; return its one JSON object."""
+    proc = run_tool("stress.py", "faults", *args, "--json", "--quiet", timeout=35)
+    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert len(runs) == 1, (proc.stdout, proc.stderr)
+    run: dict[str, Any] = runs[0]
+    failed = [c for c in run["checks"] if not c["passed"]]
+    assert failed == [], (run["run"], failed, proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run["ok"] is True and run["interrupted"] is False and run["skipped"] is None
+    assert run["checks_passed"] == run["checks_total"]
+    return run
+
+
+@pytest.mark.timeout(40)
+def test_stress_faults_short_run_passes_every_invariant() -> None:
+    run = faults_run("--seconds", "0.5")
+    assert run["run"] == "faults"
+    assert run["fault_rate"] == 0.02
+    names = [c["name"] for c in run["checks"]]
+    for name in (
+        "every accepted item ran exactly once; no refused one ran",
+        "every injected fault reported to the handler exactly once",
+        "no unexpected exception reached a handler",
+        "no IOThread died (each alive and answering call_sync until joined)",
+        "every coroutine done; its join gives its value or its own exception",
+        "IOThreads joined",
+    ):
+        assert name in names
+    assert run["faults_injected"] > 0
+    assert 0 < run["faults_reported"] <= run["faults_injected"]
+    assert run["ops"] > 0 and run["refused"] >= 0
+    # Every kind of work was submitted, and faults of more than one kind were raised.
+    assert all(n > 0 for n in run["items_submitted"].values()), run["items_submitted"]
+    assert len(run["faults_by_kind"]) > 1, run["faults_by_kind"]
+
+
+@pytest.mark.timeout(40)
+def test_stress_faults_with_sigint_storm_passes_every_invariant() -> None:
+    run = faults_run("--seconds", "0.5", "--sigint", "50")
+    assert run["run"] == "faults/sigint"
+    names = [c["name"] for c in run["checks"]]
+    for name in (
+        "every SIGINT came out of the main loop's poll as KeyboardInterrupt",
+        "every call_soon accepted on the main-thread context ran exactly once",
+        "main-thread context wakeable after the signal storm",
+    ):
+        assert name in names
+    assert run["sigint_sent"] == run["sigint_caught"] == 50
+    assert run["main_items"] > 0
+    assert run["faults_injected"] > 0
+
+
+@pytest.mark.timeout(30)
+def test_stress_faults_names_a_failed_invariant_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stress = load_stress(monkeypatch)
+    # Plain exceptions only, so that this test is about the storm's own
+    # accounting; the subprocess runs above raise every kind.
+    monkeypatch.setattr(stress, "CALLBACK_FAULTS", (ValueError,))
+    monkeypatch.setattr(stress, "COROUTINE_FAULTS", (ValueError,))
+    real_handler = stress.FaultStorm.exception_handler
+    dropped: list[BaseException] = []
+
+    def lossy_handler(self: object, record: object) -> object:
+        handler = real_handler(self, record)
+
+        def drop_one(ctx: object, exc: BaseException, origin: object) -> None:
+            # The fault of a callback (a coroutine's may also reach a join).
+            from_callback = not isinstance(origin, stress.Coroutine)
+            if not dropped and from_callback and getattr(exc, "fault_id", None) is not None:
+                dropped.append(exc)  # the handler "never heard" of this one
+                return
+            handler(ctx, exc, origin)
+
+        self._handler = drop_one  # type: ignore[attr-defined]
+        return drop_one
+
+    monkeypatch.setattr(stress.FaultStorm, "exception_handler", lossy_handler)
+    assert stress.main(["faults", "--seconds", "0.3", "--faults", "0.2", "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert len(dropped) == 1
+    lines = out.splitlines()
+    assert lines[0].split()[8:11] == ["injected", "reported", "refused"], lines[0]
+    assert re.search(r"^faults .* FAIL$", out, re.M), out
+    failures = [line for line in err.splitlines() if line.startswith("FAILED")]
+    assert len(failures) == 1, err
+    assert failures[0].startswith(
+        "FAILED faults: every injected fault reported to the handler exactly once: "
+    )
+    assert "never: 1, twice or more: 0, never raised: 0" in failures[0]
+
+
+@pytest.mark.timeout(20)
+def test_stress_faults_options_are_checked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stress = load_stress(monkeypatch)
+    assert stress.main(["faults", "--faults", "1"]) == 2
+    assert stress.main(["faults", "--faults", "-0.1"]) == 2
+    assert stress.main(["faults", "--sigint", "-1"]) == 2
+    assert stress.main(["fanin", "--faults", "0.1"]) == 2
+    assert stress.main(["all", "--sigint", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--faults must be >= 0 and < 1" in err
+    assert "--faults and --sigint go with the faults command" in err
+    proc = run_tool("stress.py", "--help", timeout=15)
+    assert proc.returncode == 0, proc.stderr
+    help_text = " ".join(proc.stdout.split())
+    assert "{all,schedule,mutex,rwlock,fanin,faults}" in help_text
+    assert "--faults P" in help_text and "--sigint N" in help_text
+    assert "Not part of `all`" in help_text

@@ -30,10 +30,26 @@ reordered. The storms follow QEMU's tests/unit/test-aio-multithread.c:
 - fanin: `--producers` plain threads feed one context, half of them with
   `call_soon` and half with `spawn`; every item records its sequence
   number, and each item must run exactly once and in its producer's order.
+- faults (not part of `all`): `--producers` threads submit work of every
+  kind to the IOThreads (call_soon, coroutines that sleep(0) or reschedule
+  themselves and yield, bottom halves, call_later timers, cross-thread
+  spawn().join()), and a share `--faults P` (default 0.02) of the callbacks
+  and coroutine steps raise: ValueError, GeneratorExit, a user subclass of
+  BaseException, or (from a coroutine's fn) greenlet.GreenletExit, each
+  carrying its item's id. A quarter of the way in one more IOThread is
+  joined while the producers keep submitting to it. Checks: every accepted
+  item ran exactly once or its submission was refused with RuntimeError;
+  every fault reached the exception handler exactly once and nothing else
+  did; no IOThread died; every coroutine is done and its join gives its
+  value or its own exception. `--sigint N` adds a main-thread AioContext
+  (`poll(True)` in a loop that catches KeyboardInterrupt) fed by the
+  producers while a thread sends it N real SIGINTs: every call_soon it
+  accepted must run exactly once, and it must still wake for another
+  thread's call_soon afterwards.
 
 Every run also checks that no exception escaped to a context's exception
-handler, that every coroutine finished after the stop, and that the
-IOThreads joined.
+handler (in faults: none but the injected ones), that every coroutine
+finished after the stop, and that the IOThreads joined.
 
 While a run goes, a progress line per second shows elapsed time, operations
 so far and the rate over the last second (on stderr; a stall shows at
@@ -43,8 +59,8 @@ writes per wake-up (from `AioContext.stats()`) and invariant checks passed;
 check passed, 1 when one failed (it is named on stderr), 130 when stopped
 with Ctrl-C (the summary is still printed).
 
-Usage: python tools/stress.py [all|schedule|mutex|rwlock|fanin] [--seconds S]
-[--contexts N] [--impl comutex|threading] [--json]
+Usage: python tools/stress.py [all|schedule|mutex|rwlock|fanin|faults] [--seconds S]
+[--contexts N] [--impl comutex|threading] [--faults P] [--sigint N] [--seed N] [--json]
 """
 
 from __future__ import annotations
@@ -57,10 +73,13 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
+
+from greenlet import GreenletExit
 
 import corun
 from corun import AioContext, Coroutine, IOThread, current_coroutine, yield_
@@ -71,6 +90,9 @@ logger = logging.getLogger("corun.tools.stress")
 # wake-up leaves a coroutine suspended forever: this bound turns that into a
 # failed check instead of a stuck script).
 STOP_TIMEOUT = 10.0
+
+# handler(ctx, exc, origin), as AioContext.set_exception_handler takes it.
+ExceptionHandler = Callable[[AioContext, BaseException, object], object]
 
 
 # -- results -------------------------------------------------------------------
@@ -150,16 +172,29 @@ class Storm:
 
     `start()` launches the work (from the main thread), `ops()` may be read
     at any time for progress (an unlocked sum of per-thread counters: exact
-    once the work has stopped), `stop()` asks the work to end and waits for
-    it (bounded), `checks()` lists the invariants.
+    once the work has stopped), `wait()` is how the main thread spends the
+    run, `stop()` asks the work to end and waits for it (bounded),
+    `checks()` lists the invariants.
     """
 
     name = "storm"
+    # The name of run_storm's check on what reached the exception handlers.
+    handler_check = "no exception escaped to a context's handler"
 
     def __init__(self, ctxs: Sequence[AioContext]) -> None:
         self.ctxs = list(ctxs)
         self.stopping = False
         self.coroutines: list[Coroutine[Any]] = []
+        # The IOThreads that own `ctxs` (set by run_storm before start()).
+        self.iothreads: list[IOThread] = []
+
+    def exception_handler(self, record: ExceptionHandler) -> ExceptionHandler:
+        """The handler for the storm's contexts; `record` fails the handler check."""
+        return record
+
+    def wait(self, interrupt: Interrupt, timeout: float) -> bool:
+        """Spend up to `timeout` s of the run in the main thread; True on Ctrl-C."""
+        return interrupt.event.wait(timeout)
 
     def start(self) -> None:
         raise NotImplementedError
@@ -623,6 +658,869 @@ class FaninStorm(Storm):
         return {"producers": self.producers}
 
 
+# -- fault injection -----------------------------------------------------------
+
+
+class StormFault(BaseException):
+    """A user subclass of BaseException (not Exception), injected by the faults storm."""
+
+
+# What an injected fault may be: a callback (call_soon, bottom half, timer)
+# raises one of CALLBACK_FAULTS, a coroutine one of COROUTINE_FAULTS
+# (GreenletExit raised by a coroutine's own fn must finish it like any
+# exception). Every fault carries its item's id in `fault_id`.
+CALLBACK_FAULTS: tuple[type[BaseException], ...] = (ValueError, GeneratorExit, StormFault)
+COROUTINE_FAULTS: tuple[type[BaseException], ...] = (
+    ValueError,
+    GeneratorExit,
+    StormFault,
+    GreenletExit,
+)
+
+# The share of callbacks and coroutine steps that raise (`faults --faults P`).
+DEFAULT_FAULT_RATE = 0.02
+# How long a producer's cross-thread spawn().join() may take.
+JOIN_BOUND = 3.0
+# How long the stop of the faults run may wait for the signal sender, then for
+# the producers, the drain and the coroutines.
+FAULT_STOP_TIMEOUT = 5.0
+# A safety timer for the wake-up probe: a context that needs it to wake is deaf.
+WAKE_BOUND = 2.0
+# How long the signal sender waits for its SIGINT to come out of the main loop.
+SIGNAL_BOUND = 5.0
+# sys.setswitchinterval() during a --sigint run (the default is 0.005).
+SIGINT_SWITCH_INTERVAL = 0.0001
+
+
+def _log_exception(ctx: AioContext, exc: BaseException, origin: object) -> None:
+    logger.error("exception in %r on %r", origin, ctx, exc_info=exc)
+
+
+class FaultStorm(Storm):
+    """Faults raised by a share of the work; nothing lost, no loop killed, none deaf.
+
+    Producer threads submit items to random IOThreads: `call_soon`
+    callbacks, coroutines that `sleep(0)` or reschedule themselves and
+    yield a few times, one-shot bottom halves, `call_later` timers, and
+    cross-thread `spawn().join()`. Each producer plans, from its seeded RNG,
+    which items fault and where: a share `rate` of the callbacks and of the
+    coroutine steps raise an exception (see CALLBACK_FAULTS and
+    COROUTINE_FAULTS) carrying the item's id. A quarter of the way in, an
+    extra IOThread is joined while the producers keep submitting to it: from
+    then on its submissions must be refused with RuntimeError.
+
+    With `sigint` > 0 the main thread also runs an AioContext (`poll(True)`
+    in a loop that catches KeyboardInterrupt) fed by the producers with
+    `call_soon`, while a thread sends it that many real SIGINTs
+    (`signal.pthread_kill`). The storm's own SIGINT handler raises
+    KeyboardInterrupt only for the signals it sent (one at a time, and only
+    while the main loop is inside its `try`, see `_drive`); any other SIGINT
+    is the user's Ctrl-C and goes to the tool's handler.
+
+    Item ids are (producer, sequence number); per producer, bytearrays
+    indexed by sequence number hold what happened to each item. Each entry
+    is written by one thread at a time: `state` and `kind` by the producer,
+    `runs`, `raised` and `reported` by the thread of the context that runs it.
+    """
+
+    name = "faults"
+    handler_check = "no unexpected exception reached a handler"
+
+    WINDOW = 2000  # items in flight before a producer waits
+    # With --sigint, a producer sends a burst of MAIN_BURST call_soon items to
+    # the main-thread context instead of one item elsewhere with probability
+    # MAIN_PICK: about a third of the items then go to the main thread.
+    MAIN_BURST = 16
+    MAIN_PICK = 1 / 32
+    # Item kinds (codes in `kind`) and how often a producer picks each.
+    CALL_SOON, SPAWN, BH, TIMER, SPAWN_JOIN = range(1, 6)
+    KIND_NAMES = {1: "call_soon", 2: "spawn", 3: "bh", 4: "timer", 5: "spawn_join"}
+    KIND_WEIGHTS = (3, 3, 2, 2, 1)
+    # Item states (codes in `state`).
+    PENDING, ACCEPTED, REFUSED, FAILED = 0, 1, 2, 3
+
+    def __init__(
+        self,
+        ctxs: Sequence[AioContext],
+        producers: int,
+        rate: float,
+        sigint: int,
+        seconds: float,
+        seed: int,
+    ) -> None:
+        super().__init__(ctxs)
+        self.name = "faults/sigint" if sigint else "faults"
+        self.producers = producers
+        self.rate = rate
+        self.sigint = sigint
+        self.seconds = seconds
+        self.seed = seed
+        self.fault_classes: list[type[BaseException]] = list(
+            dict.fromkeys(CALLBACK_FAULTS + COROUTINE_FAULTS)
+        )
+        self.callback_codes = [self.fault_classes.index(c) + 1 for c in CALLBACK_FAULTS]
+        self.coroutine_codes = [self.fault_classes.index(c) + 1 for c in COROUTINE_FAULTS]
+        n = producers
+        self.state = [bytearray() for _ in range(n)]
+        self.kind = [bytearray() for _ in range(n)]
+        self.fault = [bytearray() for _ in range(n)]  # planned fault class code, 0: none
+        self.runs = [bytearray() for _ in range(n)]
+        self.raised = [bytearray() for _ in range(n)]
+        self.reported = [bytearray() for _ in range(n)]
+        # 1: a producer's spawn().join() got the fault (API.md lets the
+        # project decide whether the handler hears of it too).
+        self.retrieved = [bytearray() for _ in range(n)]
+        # accepted[p][i]: items producer p got accepted by context i (the
+        # closing IOThread is the last index); ran[i]: items context i ran.
+        self.accepted: list[list[int]] = []
+        self.ran: list[int] = []
+        self.join_timeouts = [0] * n
+        self.co_checked = [0] * (n + 1)  # the last slot is the main thread's
+        self.co_bad = [0] * (n + 1)
+        self.co_problems: list[str] = []
+        self.submit_errors: list[str] = []
+        self.pending: list[deque[tuple[Coroutine[Any], int, int]]] = [deque() for _ in range(n)]
+        self.threads: list[threading.Thread] = []
+        self.unexpected = 0
+        self._hurry = threading.Event()  # set by stop(): no more waiting between actions
+        self._abort = threading.Event()  # set at the end of stop(): helpers give up
+        self._handler: ExceptionHandler | None = None
+        self._interrupt: Interrupt | None = None
+        # The IOThread that is joined under the producers' feet, and its race.
+        self.closing: IOThread | None = None
+        self.closer: threading.Thread | None = None
+        self.close_race: str | None = None  # None: not run; "": passed; else what failed
+        self.dead: list[str] = []
+        # The main-thread context and the signal storm (sigint > 0).
+        self.main_ctx: AioContext | None = None
+        self.main_log: list[int] = []  # ids of main items run (list.append: C, no signal inside)
+        self.main_ids: list[list[int]] = [[] for _ in range(n)]
+        self.main_errors: list[str] = []
+        self.sent = 0
+        self.caught = 0
+        self.swallowed = 0  # KeyboardInterrupts that reached an exception handler
+        self.lost_signals = 0
+        self._gate = threading.Lock()
+        self._open = False  # the main loop is inside its try (see _drive)
+        self._in_flight = False  # a SIGINT of ours is on its way
+        self._signals_cut = False  # stop() stopped the sender before it sent them all
+        self._ours = False  # the KeyboardInterrupt being raised is ours
+        self._prev_sigint: Any = None
+        self._sender: threading.Thread | None = None
+        self._ticker_stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._tick: corun.EventNotifier | None = None
+        self._spin: corun.BottomHalf | None = None
+        self._prev_switch: float | None = None
+        self._busy = False
+        self.wakeable: str | None = None
+        self.main_closed: str | None = None
+        # What killed an IOThread (its uncaught exception), by thread name.
+        self.deaths: dict[str, str] = {}
+        self._prev_excepthook: Any = None
+
+    # -- the work ------------------------------------------------------------
+
+    def _bump(self, counts: bytearray, seq: int) -> None:
+        if counts[seq] < 255:
+            counts[seq] += 1
+
+    def _fault(self, p: int, seq: int) -> BaseException:
+        """The planned fault of item (p, seq), counted as raised."""
+        cls = self.fault_classes[self.fault[p][seq] - 1]
+        exc = cls(f"injected fault {p}:{seq}")
+        exc.fault_id = (p, seq)  # type: ignore[attr-defined]
+        self._bump(self.raised[p], seq)
+        return exc
+
+    def _callback(self, p: int, seq: int, ci: int) -> None:
+        self._bump(self.runs[p], seq)
+        self.ran[ci] += 1
+        if self.fault[p][seq]:
+            raise self._fault(p, seq)
+
+    @staticmethod
+    def _value(p: int, seq: int) -> int:
+        return p * 1_000_000_000 + seq
+
+    def _coroutine(self, p: int, seq: int, ci: int, steps: int, fault_at: int) -> int:
+        self._bump(self.runs[p], seq)
+        self.ran[ci] += 1
+        for step in range(steps):
+            if step == fault_at:
+                raise self._fault(p, seq)
+            if step % 2:
+                # Publish ourselves to our own loop, then yield (a coroutine
+                # may be scheduled while it is still running).
+                me = current_coroutine()
+                assert me is not None and me.ctx is not None
+                me.ctx.schedule(me)
+                yield_()
+            else:
+                corun.sleep(0)
+        if fault_at == steps:
+            raise self._fault(p, seq)
+        return self._value(p, seq)
+
+    def _verify(self, co: Coroutine[Any], p: int, seq: int, slot: int) -> None:
+        """A finished coroutine's join gives its value or its own fault."""
+        problem = None
+        try:
+            value = co.join(timeout=0)
+        except BaseException as exc:
+            if getattr(exc, "fault_id", None) != (p, seq):
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                problem = f"{co!r}: join raised {exc!r}, not its own fault"
+        else:
+            if self.raised[p][seq]:
+                problem = f"{co!r}: join returned {value!r} but it raised its fault"
+            elif value != self._value(p, seq):
+                problem = f"{co!r}: join returned {value!r}, not {self._value(p, seq)}"
+        self.co_checked[slot] += 1
+        if problem is not None:
+            self.co_bad[slot] += 1
+            if len(self.co_problems) < 5:
+                self.co_problems.append(problem)
+
+    def _in_flight_items(self) -> int:
+        return sum(map(sum, self.accepted)) - sum(self.ran) + self._main_in_flight()
+
+    def _main_in_flight(self) -> int:
+        if self.main_ctx is None:
+            return 0
+        return sum(map(len, self.main_ids)) - len(self.main_log)
+
+    def _produce(self, p: int) -> None:
+        rng = random.Random(self.seed * 1000 + p)
+        targets = self.ctxs + ([self.closing.ctx] if self.closing is not None else [])
+        closing_index = len(self.ctxs)
+        main_ctx = self.main_ctx
+        kinds = list(self.KIND_NAMES)
+        state, kind_of, fault = self.state[p], self.kind[p], self.fault[p]
+        arrays = (state, kind_of, fault, self.runs[p], self.raised[p], self.reported[p])
+        retrieved = self.retrieved[p]
+        accepted = self.accepted[p]
+        pending = self.pending[p]
+        rate = self.rate
+        main_seq = 0
+        try:
+            while not self.stopping:
+                if self._in_flight_items() >= self.WINDOW:
+                    time.sleep(0.0002)
+                    continue
+                if main_ctx is not None and rng.random() < self.MAIN_PICK:
+                    # A burst, so that the main loop's passes have items to
+                    # take when a signal lands.
+                    for _ in range(self.MAIN_BURST):
+                        item_id = self._value(p, main_seq)
+                        main_seq += 1
+                        try:
+                            main_ctx.call_soon(self.main_log.append, item_id)
+                        except BaseException as exc:
+                            self.submit_errors.append(f"producer {p}, main context: {exc!r}")
+                        else:
+                            self.main_ids[p].append(item_id)
+                    continue
+                ci = rng.randrange(len(targets))
+                ctx = targets[ci]
+                kind = rng.choices(kinds, self.KIND_WEIGHTS)[0]
+                if kind == self.TIMER and ci == closing_index:
+                    # A timer armed for after close() never runs (close runs
+                    # what is queued, not what is due later): not for the
+                    # context that closes under our feet.
+                    kind = self.CALL_SOON
+                seq = len(state)
+                for array in arrays:
+                    array.append(0)
+                retrieved.append(0)
+                kind_of[seq] = kind
+                co: Coroutine[Any] | None = None
+                try:
+                    if kind in (self.SPAWN, self.SPAWN_JOIN):
+                        steps = rng.randint(1, 3)
+                        fault_at = -1
+                        for step in range(steps + 1):
+                            if rng.random() < rate:
+                                fault_at = step
+                                fault[seq] = rng.choice(self.coroutine_codes)
+                                break
+                        co = ctx.spawn(
+                            self._coroutine, p, seq, ci, steps, fault_at, name=f"item-{p}:{seq}"
+                        )
+                    else:
+                        if rng.random() < rate:
+                            fault[seq] = rng.choice(self.callback_codes)
+                        if kind == self.CALL_SOON:
+                            ctx.call_soon(self._callback, p, seq, ci)
+                        elif kind == self.BH:
+                            ctx.bh(self._callback, p, seq, ci).schedule()
+                        else:
+                            ctx.call_later(rng.uniform(0.0, 0.002), self._callback, p, seq, ci)
+                except RuntimeError:
+                    state[seq] = self.REFUSED
+                    continue
+                except BaseException as exc:
+                    state[seq] = self.FAILED
+                    self.submit_errors.append(f"producer {p}, {self.KIND_NAMES[kind]}: {exc!r}")
+                    continue
+                state[seq] = self.ACCEPTED
+                accepted[ci] += 1
+                if co is None:
+                    continue
+                if kind == self.SPAWN:
+                    pending.append((co, p, seq))
+                    if len(pending) > 64:
+                        while pending and pending[0][0].done:
+                            self._verify(*pending.popleft(), slot=p)
+                    continue
+                try:
+                    co.join(timeout=JOIN_BOUND)
+                except TimeoutError:
+                    self.join_timeouts[p] += 1
+                    pending.append((co, p, seq))  # checked again at the end
+                    continue
+                except BaseException as exc:
+                    if getattr(exc, "fault_id", None) == (p, seq):
+                        retrieved[seq] = 1
+                self._verify(co, p, seq, slot=p)
+        except BaseException as exc:
+            self.submit_errors.append(f"producer {p}: {exc!r}")
+
+    def _close_race(self) -> None:
+        """Join the closing IOThread while the producers keep submitting to it."""
+        if self._hurry.wait(self.seconds / 4):
+            return  # stopped first: no race this run
+        t = self.closing
+        assert t is not None
+        if not t.is_alive():
+            self.dead.append(f"{t.name} died of {self.deaths.get(t.name, 'something')}")
+        try:
+            t.join(timeout=FAULT_STOP_TIMEOUT)
+        except TimeoutError:
+            self.close_race = f"join() still running after {FAULT_STOP_TIMEOUT:g} s"
+            return
+        except BaseException as exc:
+            self.close_race = f"join() raised {exc!r}"
+            return
+        stopped = self.stopping and not (self._interrupt and self._interrupt.event.is_set())
+        self.close_race = "join() returned only after the stop" if stopped else ""
+
+    # -- the main-thread context and the signal storm ------------------------
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self._in_flight:
+            self._in_flight = False
+            self._ours = True
+            raise KeyboardInterrupt
+        # Not ours: the user's Ctrl-C, for the tool's own handler.
+        previous = self._prev_sigint
+        if callable(previous):
+            previous(signum, frame)
+
+    def _drive(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Run the main-thread context until done() or `timeout`; return done().
+
+        The signal sender sends only while `_open` is True, holding `_gate`
+        until the KeyboardInterrupt has been caught here. `_open` is True
+        only inside the `try`, and the loop leaves the `try` only after
+        taking `_gate`: so every SIGINT of ours lands inside the `try`.
+        """
+        ctx = self.main_ctx
+        assert ctx is not None
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self._open = True
+                failed = False
+                try:
+                    while not done() and time.monotonic() < end:
+                        ctx.poll(True)  # the ticker thread wakes it every few ms
+                except Exception as exc:
+                    failed = True
+                    if len(self.main_errors) < 5:
+                        self.main_errors.append(f"poll() raised {exc!r}")
+                while not self._gate.acquire(timeout=0.001):
+                    pass
+                self._open = False
+                self._gate.release()
+                if failed:
+                    time.sleep(0.01)
+                return done()
+            except KeyboardInterrupt:
+                if not self._ours:
+                    raise  # the user's second Ctrl-C: the tool's handler says kill
+                self._ours = False
+                self._open = False
+                self.caught += 1  # last: the sender waits for it before it goes on
+
+    def _send_signals(self) -> None:
+        """Send `sigint` SIGINTs to the main thread, one at a time, at random moments."""
+        rng = random.Random(self.seed * 1000 + 999)
+        main_ident = threading.main_thread().ident
+        assert main_ident is not None
+        gap = self.seconds / self.sigint
+        for _ in range(self.sigint):
+            if self._abort.is_set():
+                return
+            if self._hurry.is_set():
+                time.sleep(rng.uniform(0.0, 0.0005))
+            else:
+                self._hurry.wait(rng.uniform(0.0, 2 * gap))
+            sent = False
+            while not sent:
+                if self._abort.is_set():
+                    return
+                if not self._gate.acquire(timeout=0.01):
+                    continue
+                try:
+                    if self._open:
+                        # Pairs with _drive(): it cannot leave its try
+                        # without the gate, which we hold until the
+                        # KeyboardInterrupt has come out there.
+                        self._in_flight = True
+                        self.sent += 1
+                        sent = True
+                        signal.pthread_kill(main_ident, signal.SIGINT)
+                        deadline = time.monotonic() + SIGNAL_BOUND
+                        while self.caught + self.swallowed < self.sent:
+                            if time.monotonic() > deadline:
+                                self.lost_signals += 1
+                                return  # a KeyboardInterrupt went missing: stop here
+                            time.sleep(0.0001)
+                finally:
+                    self._gate.release()
+                if not sent:
+                    time.sleep(0.0002)
+
+    def _run_ticker(self) -> None:
+        """Wake the main loop every few ms; switch it between busy and idle phases.
+
+        The ticks go through an fd handler, not notify(): a context that went
+        deaf still wakes for them, so the storm goes on and the probe at the
+        end tells. In busy phases a bottom half reschedules itself, so the
+        loop never sleeps and the signals land in its passes (between taking
+        an item and running it); in idle phases they land in epoll or just
+        after it returns (before the wake-up is accounted for).
+        """
+        tick, spin = self._tick, self._spin
+        assert tick is not None and spin is not None
+        rng = random.Random(self.seed * 1000 + 998)
+        switch = time.monotonic()
+        while not self._ticker_stop.wait(0.005):
+            tick.set()
+            now = time.monotonic()
+            if now >= switch:
+                switch = now + rng.uniform(0.005, 0.03)
+                self._busy = not self._busy
+                if self._busy:
+                    spin.schedule()
+        self._busy = False
+
+    def _spin_once(self) -> None:
+        if self._busy and self._spin is not None:
+            self._spin.schedule()
+
+    def _probe_wakeable(self) -> str:
+        """Can another thread's call_soon still wake a blocking poll()? "" if so."""
+        ctx = self.main_ctx
+        assert ctx is not None
+        while ctx.poll(False):
+            pass
+        for attempt in range(3):
+            woke: list[int] = []
+            fired: list[int] = []
+            safety = ctx.call_later(WAKE_BOUND, fired.append, 1)
+            poke = threading.Timer(0.02, ctx.call_soon, args=(woke.append, 1))
+            poke.start()
+            while not woke and not fired:
+                ctx.poll(True)
+            # Woken by the call_soon, the safety timer is still armed; a deaf
+            # context sleeps until the timer, and runs both in that pass.
+            deaf = not woke or not safety.pending
+            safety.cancel()
+            poke.join()
+            if deaf:
+                return (
+                    f"probe {attempt + 1}: a cross-thread call_soon did not wake poll(True); "
+                    f"only the {WAKE_BOUND:g} s safety timer did"
+                )
+        return ""
+
+    def _excepthook(self, args: threading.ExceptHookArgs) -> None:
+        """Record what kills one of our IOThreads (named by the liveness check)."""
+        thread = args.thread
+        ours = [*self.iothreads, *([self.closing] if self.closing is not None else [])]
+        if thread is not None and any(t.name == thread.name for t in ours):
+            self.deaths[thread.name] = repr(args.exc_value)
+            return
+        self._prev_excepthook(args)
+
+    # -- the storm protocol --------------------------------------------------
+
+    def exception_handler(self, record: ExceptionHandler) -> ExceptionHandler:
+        def handler(ctx: AioContext, exc: BaseException, origin: object) -> None:
+            fault_id = getattr(exc, "fault_id", None)
+            if isinstance(fault_id, tuple):
+                p, seq = fault_id
+                self._bump(self.reported[p], seq)
+                return
+            if isinstance(exc, KeyboardInterrupt):
+                self.swallowed += 1
+            self.unexpected += 1
+            record(ctx, exc, origin)
+
+        self._handler = handler
+        return handler
+
+    def start(self) -> None:
+        handler = self._handler
+        if handler is None:  # run outside run_storm: log what is not a fault
+            handler = self.exception_handler(_log_exception)
+        self._prev_excepthook = threading.excepthook
+        threading.excepthook = self._excepthook
+        self.closing = IOThread(f"{self.name}-closing")
+        self.closing.ctx.set_exception_handler(handler)
+        n_ctx = len(self.ctxs) + 1
+        self.accepted = [[0] * n_ctx for _ in range(self.producers)]
+        self.ran = [0] * n_ctx
+        if self.sigint:
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("--sigint needs the faults run in the main thread")
+            self.main_ctx = AioContext(f"{self.name}-main")
+            self.main_ctx.set_exception_handler(handler)
+            self._tick = corun.EventNotifier()
+            self.main_ctx.add_reader(self._tick, self._tick.test_and_clear)
+            self._spin = self.main_ctx.bh(self._spin_once, name="spin")
+            self._prev_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            # The main thread mostly gives up the GIL in epoll, so that is
+            # where most signals land; a short switch interval also preempts
+            # it inside its passes, where they land too.
+            self._prev_switch = sys.getswitchinterval()
+            sys.setswitchinterval(SIGINT_SWITCH_INTERVAL)
+            self._ticker = threading.Thread(target=self._run_ticker, name="ticker", daemon=True)
+            self._sender = threading.Thread(
+                target=self._send_signals, name="sigint-sender", daemon=True
+            )
+        self.threads = [
+            threading.Thread(target=self._produce, args=(p,), name=f"producer-{p}", daemon=True)
+            for p in range(self.producers)
+        ]
+        self.closer = threading.Thread(target=self._close_race, name="closer", daemon=True)
+        helpers = [self.closer] + [t for t in (self._ticker, self._sender) if t is not None]
+        for t in [*self.threads, *helpers]:
+            t.start()
+
+    def wait(self, interrupt: Interrupt, timeout: float) -> bool:
+        self._interrupt = interrupt
+        if self.main_ctx is None:
+            return super().wait(interrupt, timeout)
+        return self._drive(interrupt.event.is_set, timeout)
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.main_ctx is not None:
+                self._drive(done, min(left, 0.1))
+            else:
+                time.sleep(0.002)
+        return True
+
+    def _drained(self) -> bool:
+        """Has every accepted item run? (Not waiting for the loops that died.)"""
+        for i, t in enumerate(self.iothreads):
+            if t.is_alive() and sum(acc[i] for acc in self.accepted) > self.ran[i]:
+                return False
+        return self._main_in_flight() <= 0
+
+    def stop(self) -> list[Check]:
+        self.stopping = True
+        self._hurry.set()
+        interrupted = self._interrupt is not None and self._interrupt.event.is_set()
+        if interrupted:
+            self._abort.set()  # Ctrl-C: send no more signals
+        deadline = time.monotonic() + FAULT_STOP_TIMEOUT
+        sender = self._sender
+        # First the signals still to send: they need the main loop driven.
+        if sender is not None:
+            self._wait_until(lambda: not sender.is_alive(), deadline)
+            if sender.is_alive():
+                # More signals than the run and the stop have time for: the
+                # sender stops after the one in flight, which we still catch.
+                self._signals_cut = not interrupted
+                self._abort.set()
+                self._wait_until(
+                    lambda: not sender.is_alive(), time.monotonic() + SIGNAL_BOUND + 1.0
+                )
+            if not sender.is_alive():
+                previous = self._prev_sigint
+                signal.signal(
+                    signal.SIGINT, previous if previous is not None else signal.default_int_handler
+                )
+        # Then the producers, the drain and the coroutines, within a bound of their own.
+        deadline = time.monotonic() + FAULT_STOP_TIMEOUT
+        helpers = [t for t in (self.closer, sender) if t is not None]
+        self._wait_until(lambda: not any(t.is_alive() for t in self.threads + helpers), deadline)
+        stuck = [t.name for t in [*self.threads, *helpers] if t.is_alive()]
+        closing = self.closing
+        assert closing is not None
+        if self.closer is not None and not self.closer.is_alive() and closing.is_alive():
+            try:
+                closing.join(timeout=max(deadline - time.monotonic(), 0.1))
+            except TimeoutError:
+                stuck.append(closing.name)
+        self._wait_until(self._drained, deadline)
+        # Every coroutine left unchecked: wait for it (bounded), then check it.
+        stuck_cos = []
+        for pending in self.pending:
+            while pending:
+                co, p, seq = pending.popleft()
+                try:
+                    co.join(timeout=max(deadline - time.monotonic(), 0.0))
+                except TimeoutError:
+                    stuck_cos.append(co)
+                    continue
+                except BaseException as exc:
+                    if getattr(exc, "fault_id", None) is None and isinstance(
+                        exc, (KeyboardInterrupt, SystemExit)
+                    ):
+                        raise
+                self._verify(co, p, seq, slot=self.producers)
+        # Liveness, and a barrier: each loop answers once it has reported
+        # everything it ran before.
+        for t in self.iothreads:
+            try:
+                if not t.is_alive():
+                    raise RuntimeError("thread not alive")
+                t.ctx.call_sync(lambda: None, timeout=max(deadline - time.monotonic(), 0.5))
+            except BaseException as exc:
+                why = self.deaths.get(t.name)
+                self.dead.append(f"{t.name} died of {why}" if why else f"{t.name}: {exc!r}")
+        checked = sum(self.co_checked)
+        bad = sum(self.co_bad)
+        detail = f"{checked} coroutines checked"
+        if stuck_cos:
+            names = ", ".join(repr(co) for co in stuck_cos[:3])
+            detail += f"; {len(stuck_cos)} not done after the stop: {names}"
+        if bad:
+            detail += f"; {bad} joins gave something else: {'; '.join(self.co_problems[:3])}"
+        checks = [
+            Check(
+                "producers and helper threads stopped",
+                not stuck,
+                f"still running: {stuck}" if stuck else "",
+            ),
+            Check(
+                "every coroutine done; its join gives its value or its own exception",
+                not stuck_cos and not bad,
+                detail,
+            ),
+            Check(
+                "no IOThread died (each alive and answering call_sync until joined)",
+                not self.dead,
+                "; ".join(self.dead),
+            ),
+            Check(
+                "an IOThread joined while producers submit to it finishes before they stop",
+                not self.close_race,
+                self.close_race
+                if self.close_race
+                else ("the run stopped before the join" if self.close_race is None else ""),
+            ),
+        ]
+        if self.main_ctx is not None:
+            checks += self._stop_main(sender)
+        self._abort.set()
+        if threading.excepthook == self._excepthook:
+            threading.excepthook = self._prev_excepthook
+        return checks
+
+    def _stop_main(self, sender: threading.Thread | None) -> list[Check]:
+        ctx = self.main_ctx
+        assert ctx is not None and self._tick is not None
+        if self._prev_switch is not None:
+            sys.setswitchinterval(self._prev_switch)
+        self._ticker_stop.set()
+        if self._ticker is not None:
+            self._ticker.join(1.0)
+        # After a Ctrl-C the sender stops early: then fewer than `sigint` is fine.
+        expected = self.sigint if self._signals_cut or not self._abort.is_set() else self.sent
+        signals_ok = (
+            sender is not None
+            and not sender.is_alive()
+            and self.sent == self.caught == expected
+            and not self.lost_signals
+        )
+        note = ""
+        if self._signals_cut:
+            note = f" (cut short {FAULT_STOP_TIMEOUT:g} s after the run: more --seconds?)"
+        elif self._abort.is_set():
+            note = " (stopped early by Ctrl-C)"
+        checks = [
+            Check(
+                "every SIGINT came out of the main loop's poll as KeyboardInterrupt",
+                signals_ok and not self.main_errors,
+                f"sent {self.sent} of {self.sigint}, caught {self.caught}, reached a handler "
+                f"{self.swallowed}, lost {self.lost_signals}"
+                + note
+                + (f"; {'; '.join(self.main_errors)}" if self.main_errors else ""),
+            )
+        ]
+        if sender is not None and sender.is_alive():
+            # A signal may still land: leave the context and the handler as
+            # they are rather than be killed by it.
+            checks.append(
+                Check(
+                    "main-thread context wakeable after the signal storm",
+                    False,
+                    "the signal sender did not finish",
+                )
+            )
+            return checks
+        try:
+            ctx.remove_reader(self._tick)
+            self.wakeable = self._probe_wakeable()
+        except Exception as exc:
+            self.wakeable = f"the probe raised {exc!r}"
+        checks.append(
+            Check(
+                "main-thread context wakeable after the signal storm",
+                not self.wakeable,
+                self.wakeable or "",
+            )
+        )
+        try:
+            ctx.close()
+            self.main_closed = ""
+        except Exception as exc:
+            self.main_closed = f"close() raised {exc!r}"
+        self._tick.close()
+        checks.append(
+            Check("main-thread context closed cleanly", not self.main_closed, self.main_closed)
+        )
+        return checks
+
+    def checks(self) -> list[Check]:
+        missing: dict[str, int] = {}
+        doubled: dict[str, int] = {}
+        refused_ran = 0
+        fault_missing = fault_doubled = fault_phantom = 0
+        for p in range(self.producers):
+            for state, kind, runs, raised, reported, retrieved in zip(
+                self.state[p],
+                self.kind[p],
+                self.runs[p],
+                self.raised[p],
+                self.reported[p],
+                self.retrieved[p],
+                strict=False,  # a producer that did not stop may be appending
+            ):
+                if state == self.ACCEPTED:
+                    if runs != 1:
+                        tally = missing if runs == 0 else doubled
+                        name = self.KIND_NAMES[kind]
+                        tally[name] = tally.get(name, 0) + 1
+                elif runs:
+                    refused_ran += 1
+                if reported > raised:
+                    if raised:
+                        fault_doubled += 1
+                    else:
+                        fault_phantom += 1
+                elif reported < raised and not retrieved:
+                    fault_missing += 1
+        accepted = sum(map(sum, self.accepted))
+        items_ok = not missing and not doubled and not refused_ran
+        checks = [
+            Check(
+                "every accepted item ran exactly once; no refused one ran",
+                items_ok,
+                f"{accepted} accepted, {self._count(self.REFUSED)} refused"
+                if items_ok
+                else f"never ran: {missing}; ran more than once: {doubled}; "
+                f"refused but ran: {refused_ran}",
+            ),
+            Check(
+                "every injected fault reported to the handler exactly once",
+                not (fault_missing or fault_doubled or fault_phantom),
+                f"{self._injected()} injected, {self._reported()} reported; never: "
+                f"{fault_missing}, twice or more: {fault_doubled}, never raised: {fault_phantom}",
+            ),
+            Check(
+                "every submission accepted or refused with RuntimeError",
+                not self.submit_errors,
+                f"{len(self.submit_errors)}: {self.submit_errors[0]}" if self.submit_errors else "",
+            ),
+            Check(
+                f"every cross-thread spawn().join() returned within {JOIN_BOUND:g} s",
+                not sum(self.join_timeouts),
+                f"{sum(self.join_timeouts)} timed out" if sum(self.join_timeouts) else "",
+            ),
+        ]
+        if self.main_ctx is not None:
+            ran = Counter(self.main_log)
+            ids = [i for per in self.main_ids for i in per]
+            lost = sum(1 for i in ids if ran[i] == 0)
+            twice = sum(1 for i in ids if ran[i] > 1)
+            strays = len(set(ran) - set(ids))
+            checks.append(
+                Check(
+                    "every call_soon accepted on the main-thread context ran exactly once",
+                    not (lost or twice or strays),
+                    f"{len(ids)} accepted; never ran: {lost}, more than once: {twice}, "
+                    f"not accepted but ran: {strays}",
+                )
+            )
+        return checks
+
+    def _count(self, state: int) -> int:
+        return sum(s.count(state) for s in self.state)
+
+    def _injected(self) -> int:
+        return sum(map(sum, self.raised))
+
+    def _reported(self) -> int:
+        return sum(map(sum, self.reported))
+
+    def ops(self) -> int:
+        return sum(self.ran) + len(self.main_log)
+
+    def wakes(self, delta: dict[str, int]) -> int:
+        return sum(map(sum, self.accepted))
+
+    def info(self) -> dict[str, Any]:
+        by_kind: dict[str, int] = {}
+        for p in range(self.producers):
+            for code, raised in zip(self.fault[p], self.raised[p], strict=False):
+                if raised:
+                    name = self.fault_classes[code - 1].__name__
+                    by_kind[name] = by_kind.get(name, 0) + raised
+        items: dict[str, int] = {}
+        for kinds in self.kind:
+            for code, name in self.KIND_NAMES.items():
+                items[name] = items.get(name, 0) + kinds.count(code)
+        info: dict[str, Any] = {
+            "producers": self.producers,
+            "fault_rate": self.rate,
+            "faults_injected": self._injected(),
+            "faults_reported": self._reported(),
+            "refused": self._count(self.REFUSED),
+            "faults_by_kind": by_kind,
+            "items_submitted": items,
+            "unexpected_exceptions": self.unexpected,
+        }
+        if self.sigint:
+            info.update(
+                sigint=self.sigint,
+                sigint_sent=self.sent,
+                sigint_caught=self.caught,
+                main_items=len(self.main_log),
+            )
+        return info
+
+
 # -- running -------------------------------------------------------------------
 
 
@@ -698,11 +1596,15 @@ def run_storm(
         logger.error("exception in %r on %r", origin, ctx, exc_info=exc)
 
     threads = [IOThread(f"{run}-{i}") for i in range(contexts)]
+    handler_check = Storm.handler_check
     try:
         ctxs = [t.ctx for t in threads]
-        for ctx in ctxs:
-            ctx.set_exception_handler(record)
         storm = make(ctxs)
+        storm.iothreads = threads
+        handler_check = storm.handler_check
+        handler = storm.exception_handler(record)
+        for ctx in ctxs:
+            ctx.set_exception_handler(handler)
         before = _sum_stats(ctxs)
         start = time.perf_counter()
         storm.start()
@@ -713,7 +1615,7 @@ def run_storm(
             now = time.perf_counter()
             if now >= deadline:
                 break
-            if interrupt.event.wait(min(deadline, next_tick) - now):
+            if storm.wait(interrupt, min(deadline, next_tick) - now):
                 result.interrupted = True
                 break
             now = time.perf_counter()
@@ -743,7 +1645,7 @@ def run_storm(
                 stuck.append(t.name)
     result.checks.append(
         Check(
-            "no exception escaped to a context's handler",
+            handler_check,
             not errors,
             f"{len(errors)}: {errors[0]}" if errors else "",
         )
@@ -796,6 +1698,20 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, Callable[[list[AioCon
         )
     if command in ("fanin", "all"):
         runs.append(("fanin", 1, lambda c: FaninStorm(c[0], producers)))
+    # Not part of `all`: its timing (which item a fault or a signal hits)
+    # differs from run to run, and the others check that nothing at all
+    # reaches a handler.
+    if command == "faults":
+        rate = DEFAULT_FAULT_RATE if args.faults is None else args.faults
+        sigint = args.sigint
+        seconds = args.seconds
+        runs.append(
+            (
+                "faults/sigint" if sigint else "faults",
+                args.contexts,
+                lambda c: FaultStorm(c, producers, rate, sigint, seconds, seed),
+            )
+        )
     return runs
 
 
@@ -805,6 +1721,10 @@ def missing_api(run: str, impl: str) -> str | None:
         return "skipped: corun.CoMutex is not available in this corun yet"
     if run == "rwlock" and not (hasattr(corun, "CoRwLock") and hasattr(corun, "sleep")):
         return "skipped: corun.CoRwLock/corun.sleep are not available in this corun yet"
+    if run.startswith("faults") and not (
+        hasattr(corun, "sleep") and hasattr(corun, "EventNotifier")
+    ):
+        return "skipped: corun.sleep/corun.EventNotifier are not available in this corun yet"
     return None
 
 
@@ -816,7 +1736,7 @@ def _fmt_int(value: int | None) -> str:
 
 
 def summary_table(results: Sequence[RunResult]) -> str:
-    header = (
+    header: tuple[str, ...] = (
         "run",
         "ctx",
         "seconds",
@@ -828,15 +1748,22 @@ def summary_table(results: Sequence[RunResult]) -> str:
         "checks",
         "status",
     )
+    # The fault counts, only when a run injected faults.
+    fault_keys = ("faults_injected", "faults_reported", "refused")
+    with_faults = any("faults_injected" in r.info for r in results)
+    if with_faults:
+        header = (*header[:-2], "injected", "reported", "refused", *header[-2:])
     rows: list[tuple[str, ...]] = []
     for r in results:
         if r.skipped:
-            rows.append((r.run, str(r.contexts), "-", "-", "-", "-", "-", "-", "-", "skipped"))
+            cells = [r.run, str(r.contexts), *["-"] * (len(header) - 3), "skipped"]
+            rows.append(tuple(cells))
             continue
         wpw = r.writes_per_wake
         status = "ok" if r.ok else "FAIL"
         if r.interrupted:
             status += " (interrupted)"
+        faults = [_fmt_int(r.info.get(k)) for k in fault_keys] if with_faults else []
         rows.append(
             (
                 r.run,
@@ -847,12 +1774,13 @@ def summary_table(results: Sequence[RunResult]) -> str:
                 _fmt_int(r.retries),
                 _fmt_int(r.wakes),
                 "-" if wpw is None else f"{wpw:.3f}",
+                *faults,
                 f"{sum(c.passed for c in r.checks)}/{len(r.checks)}",
                 status,
             )
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    left = {0, 9}
+    left = {0, len(header) - 1}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
@@ -871,9 +1799,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Hammer corun's cross-thread scheduling, CoMutex, CoRwLock and fan-in from "
             "many IOThreads and check that no wake-up is lost (QEMU's "
-            "test-aio-multithread storms)."
+            "test-aio-multithread storms); `faults` injects exceptions (and, with "
+            "--sigint, real SIGINTs) and checks that nothing is lost and no loop dies."
         ),
         epilog=(
+            "faults: producer threads submit call_soon callbacks, coroutines (sleep(0), "
+            "reschedule-and-yield), bottom halves, call_later timers and cross-thread "
+            "spawn().join() to the IOThreads, and a share P of the callbacks and coroutine "
+            "steps raise ValueError, GeneratorExit, a user BaseException subclass or (in "
+            "coroutines) greenlet.GreenletExit; a quarter of the way in, one more IOThread "
+            "is joined while the producers keep submitting to it. Checks: every accepted "
+            "item ran exactly once (or was refused with RuntimeError), every fault reached "
+            "the exception handler exactly once, no IOThread died, every coroutine finished "
+            "with its value or its own exception. Not part of `all`. "
             "Exit status: 0 all checks passed, 1 an invariant failed (named on stderr), "
             "130 interrupted with Ctrl-C."
         ),
@@ -882,8 +1820,8 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="all",
-        choices=("all", "schedule", "mutex", "rwlock", "fanin"),
-        help="which storm to run (default: all of them, one after the other)",
+        choices=("all", "schedule", "mutex", "rwlock", "fanin", "faults"),
+        help="which storm to run (default: all of them, one after the other, except faults)",
     )
     parser.add_argument(
         "--seconds", type=float, default=2.0, help="duration of each run (default: 2)"
@@ -909,7 +1847,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="rwlock: share of operations that take the lock as writer (default: 0.2)",
     )
     parser.add_argument(
-        "--producers", type=int, default=8, help="fanin: producer threads (default: 8)"
+        "--producers", type=int, default=8, help="fanin, faults: producer threads (default: 8)"
+    )
+    parser.add_argument(
+        "--faults",
+        type=float,
+        default=None,
+        metavar="P",
+        help=f"faults: share of callbacks and coroutine steps that raise, 0 <= P < 1 "
+        f"(default: {DEFAULT_FAULT_RATE})",
+    )
+    parser.add_argument(
+        "--sigint",
+        type=int,
+        default=0,
+        metavar="N",
+        help="faults: also run an AioContext in the main thread, fed by the producers, and "
+        "send it N real SIGINTs at random moments; it must lose no item and stay wakeable "
+        "(default: 0, no main-thread context). Ctrl-C still stops the run.",
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     parser.add_argument(
@@ -931,6 +1886,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stress.py: --seconds must be > 0, --contexts >= 2, --coroutines and --producers >= 1",
             file=sys.stderr,
         )
+        return 2
+    if args.command != "faults" and (args.faults is not None or args.sigint):
+        print("stress.py: --faults and --sigint go with the faults command", file=sys.stderr)
+        return 2
+    if args.faults is not None and not 0 <= args.faults < 1:
+        print("stress.py: --faults must be >= 0 and < 1", file=sys.stderr)
+        return 2
+    if args.sigint < 0:
+        print("stress.py: --sigint must be >= 0", file=sys.stderr)
         return 2
     progress = Progress(not args.quiet)
     interrupt = Interrupt()
