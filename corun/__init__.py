@@ -4,12 +4,13 @@ from .bh import BottomHalf
 from .comutex import CoMutex
 from .context import AioContext, current_context, wake
 from .coqueue import CoQueue
-from .coroutine import Coroutine, current_coroutine, in_coroutine, yield_
+from .coroutine import Cancelled, Coroutine, current_coroutine, in_coroutine, yield_
 from .corwlock import CoRwLock
 from .fdwait import wait_readable, wait_writable
 from .iothread import IOThread
 from .notifier import EventNotifier
 from .run import run
+from .scope import CancelScope, move_on_after, timeout
 from .sleep import CoSleep, sleep
 from .threadpool import run_in_thread
 from .timer import Timer
@@ -17,6 +18,8 @@ from .timer import Timer
 __all__ = [
     "AioContext",
     "BottomHalf",
+    "CancelScope",
+    "Cancelled",
     "CoMutex",
     "CoQueue",
     "CoRwLock",
@@ -28,9 +31,11 @@ __all__ = [
     "current_context",
     "current_coroutine",
     "in_coroutine",
+    "move_on_after",
     "run",
     "run_in_thread",
     "sleep",
+    "timeout",
     "wait_readable",
     "wait_writable",
     "wake",

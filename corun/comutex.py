@@ -42,15 +42,17 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from greenlet import getcurrent
 
 from .context import wake
-from .coroutine import _report, yield_
+from .coroutine import Cancelled, _report, _suspend, checkpoint, park
 
 if TYPE_CHECKING:
     from .coroutine import Coroutine
+    from .timer import Timer
 
 # How often a locker retries before it queues, when the holder runs in
 # another thread. Under the GIL the holder can only progress when we let go
@@ -105,6 +107,23 @@ def held_by(co: Coroutine[Any]) -> list[CoMutex]:
     return out
 
 
+def _expire(co: Coroutine[Any], withdraw: Callable[[], bool], expired: list[bool]) -> None:
+    """A wait's timeout (home thread, from the loop): withdraw `co` and resume it."""
+    if withdraw():
+        expired.append(True)
+        ctx = co.ctx
+        if ctx is not None:
+            ctx.enter(co)
+
+
+def _timer_on_home(co: Coroutine[Any], waitable: object, timeout: float, *cb: Any) -> Timer:
+    """Arm cb on co's home context in `timeout` seconds (a wait's timeout)."""
+    ctx = co.ctx
+    if ctx is None:
+        raise RuntimeError(f"{co!r} waits on {waitable!r} with a timeout, which needs a context")
+    return ctx.call_later(max(timeout, 0.0), *cb)
+
+
 class CoMutex:
     """A FIFO coroutine mutex with direct hand-off. Thread: any (coroutines only lock)."""
 
@@ -118,7 +137,8 @@ class CoMutex:
         #   _waiters non-empty it hands the mutex to the head instead of
         #   releasing _taken.
         # - A coroutine in _waiters is woken exactly once, by the hand-off
-        #   that makes it the holder.
+        #   that makes it the holder, unless it withdraws itself first (a
+        #   cancel or a timeout: remove() and popleft() decide who wins).
         self._taken = threading.Lock()
         self._waiters: deque[Coroutine[Any]] = deque()
         self.holder: Coroutine[Any] | None = None
@@ -139,10 +159,13 @@ class CoMutex:
         """Whether the mutex has an owner (or one is being handed it). Thread: any."""
         return self._taken.locked()
 
-    def acquire(self) -> bool:
+    def acquire(self, timeout: float | None = None) -> bool:
         """Lock the mutex, yielding while another coroutine holds it; return True.
 
-        Coroutine only.
+        With `timeout`, give up after that many seconds and return False
+        (like threading.Lock). A cancellation point when it has to wait: a
+        cancelled waiter leaves the queue, and a hand-off that raced the
+        cancel is passed on to the next waiter. Coroutine only.
         """
         try:
             co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
@@ -152,8 +175,8 @@ class CoMutex:
             raise RuntimeError(f"{co!r} tried to acquire {self!r}, which it already holds")
         if not self._waiters and self._taken.acquire(False):
             self.holder = co
-        else:
-            self._acquire_slow(co)
+        elif not self._acquire_slow(co, timeout, True):
+            return False
         # Push onto the coroutine's chain of held mutexes (see release()).
         self._next_held = co._held
         co._held = self
@@ -163,7 +186,21 @@ class CoMutex:
     # like threading.Lock, `with mutex as x` binds True.
     __enter__ = acquire
 
-    def _acquire_slow(self, co: Coroutine[Any]) -> None:
+    def _acquire_shielded(self, co: Coroutine[Any]) -> None:
+        """acquire() for corun's own short critical sections: not a cancellation point.
+
+        A pending Cancelled stays pending for the caller's next wait.
+        """
+        if self.holder is co:
+            raise RuntimeError(f"{co!r} tried to acquire {self!r}, which it already holds")
+        if not self._waiters and self._taken.acquire(False):
+            self.holder = co
+        else:
+            self._acquire_slow(co, None, False)
+        self._next_held = co._held
+        co._held = self
+
+    def _acquire_slow(self, co: Coroutine[Any], timeout: float | None, cancellable: bool) -> bool:
         holder = self.holder
         if holder is not None and holder._thread != co._thread:
             # The holder runs (or is about to run) in another thread: give it
@@ -173,10 +210,14 @@ class CoMutex:
                 _let_others_run()
                 if not self._waiters and self._taken.acquire(False):
                     self.holder = co
-                    return
+                    return True
                 holder = self.holder
                 if holder is not None and holder._thread == co._thread:
                     break
+        if cancellable:
+            checkpoint(co)  # before we publish ourselves
+        if timeout is not None and co.ctx is None:
+            raise RuntimeError(f"{co!r} waits on {self!r} with a timeout, which needs a context")
         waiters = self._waiters
         waiters.append(co)
         # Pairs with release(): we publish ourselves, then try _taken; an
@@ -187,24 +228,59 @@ class CoMutex:
                 head = waiters.popleft()  # never empty: we are in it
                 if head is co:
                     self.holder = co
-                    return
+                    return True
                 # Others were first: serve them, then wait for our turn.
                 if self._hand_off(head):
                     break
-        yield_()
-        # Woken by the hand-off that made us the holder; anything else is a
-        # stray wake() from outside the mutex. Not an assert: under
-        # `python -O` it would let us in beside the holder.
-        while self.holder is not co:
-            _report(
-                co.ctx,
-                RuntimeError(
-                    f"{co!r} was woken while waiting for {self!r}, which it does not hold "
-                    "yet: a wake() that was not the mutex's hand-off; it goes on waiting"
-                ),
-                co,
-            )
-            yield_()
+        return self._wait_for_hand_off(co, timeout, cancellable)
+
+    def _wait_for_hand_off(
+        self, co: Coroutine[Any], timeout: float | None, cancellable: bool
+    ) -> bool:
+        waiters = self._waiters
+
+        def withdraw() -> bool:
+            # Home thread (a cancel or the timeout): leave the queue, unless
+            # a hand-off popped us first; then its wake-up is on the way.
+            try:
+                waiters.remove(co)
+            except ValueError:
+                return False
+            return True
+
+        expired: list[bool] = []
+        timer = None
+        if timeout is not None:
+            timer = _timer_on_home(co, self, timeout, _expire, co, withdraw, expired)
+        try:
+            while True:
+                if cancellable:
+                    park(co, withdraw)
+                else:
+                    _suspend(co)
+                if self.holder is co:
+                    return True
+                if expired:
+                    return False
+                # Not the hand-off that made us the holder: a stray wake()
+                # from outside the mutex. Not an assert: under `python -O`
+                # that would let us in beside the holder.
+                _report(
+                    co.ctx,
+                    RuntimeError(
+                        f"{co!r} was woken while waiting for {self!r}, which it does not "
+                        "hold yet: a wake() that was not the mutex's hand-off; it goes on "
+                        "waiting"
+                    ),
+                    co,
+                )
+        except Cancelled:
+            if self.holder is co:
+                self._hand_on()  # a hand-off raced the cancel: pass it on
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def release(self, *_exc_info: object) -> None:
         """Unlock, handing the mutex to the first waiter if any. Coroutine only (holder)."""
@@ -224,6 +300,18 @@ class CoMutex:
             _unlink_held(co, self)
         self._next_held = None
         waiters = self._waiters
+        if not waiters:
+            self.holder = None
+            self._taken.release()
+            # Pairs with _acquire_slow(): see there.
+            if not waiters or not self._taken.acquire(False):
+                return
+            # We own it again and somebody waits: hand it on.
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Give the mutex (held, by us) to the first waiter that can run, or unlock it."""
+        waiters = self._waiters
         while True:
             if waiters:
                 if self._hand_off(waiters.popleft()):
@@ -234,7 +322,6 @@ class CoMutex:
             # Pairs with _acquire_slow(): see there.
             if not waiters or not self._taken.acquire(False):
                 return
-            # We own it again and somebody waits: hand it on.
 
     def _hand_off(self, head: Coroutine[Any]) -> bool:
         """Make `head` the holder and wake it; False if it can never run."""

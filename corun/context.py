@@ -68,6 +68,10 @@ _ctx_names = itertools.count(1)
 
 _get_ident = threading.get_ident
 
+# How long close() lets cancelled coroutines clean up before it gives up on
+# them (and names them in a ResourceWarning), in seconds.
+CLOSE_GRACE = 1.0
+
 # How long idle bottom halves may wait (QEMU: 10 ms in aio_compute_timeout).
 IDLE_BH_DELAY = 0.010
 
@@ -725,15 +729,17 @@ class AioContext:
         """Remove the writer of fd; return whether there was one. Thread: home."""
         return self._set_handler(fd, 1, None, "remove_writer")
 
-    def close(self) -> None:
-        """Run what is queued, then release the context's resources. Idempotent.
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Run what is queued, cancel what is suspended, then release the resources.
 
         From the moment it starts, other threads are refused (so close is
         bounded however busy they are); the home thread may still queue
-        work, which the drain runs, until nothing is queued. Coroutines
-        still suspended then are reported with a ResourceWarning.
-        Afterwards every call that would queue work here raises. Thread:
-        home, outside coroutines.
+        work, which the drain runs, until nothing is queued. Then every
+        coroutine still suspended here is cancelled (one parked in a bare
+        yield_() too: nothing could wake it after close) and the loop runs
+        for up to `grace` seconds while they clean up; those still not done
+        are named in a ResourceWarning. Afterwards every call that would
+        queue work here raises. Idempotent. Thread: home, outside coroutines.
         """
         if self._closed:
             return
@@ -751,6 +757,7 @@ class AioContext:
         self._draining = True
         try:
             self._drain()
+            self._cancel_suspended(grace)
             with self._close_lock:
                 self._drain()  # what raced in before its producer saw _closed
                 self._draining = False
@@ -781,6 +788,27 @@ class AioContext:
                 return True
             frame = frame.f_back  # type: ignore[assignment]
         return False
+
+    def _cancel_suspended(self, grace: float) -> None:
+        """close(): cancel the coroutines still suspended here; let them clean up.
+
+        Cancelled again each round while they wait again (a cleanup that
+        catches Cancelled), until all are done or `grace` seconds passed.
+        """
+        deadline = _time.monotonic() + max(grace, 0.0)
+        while True:
+            suspended = [co for co in self._live if not co.done]
+            remaining = deadline - _time.monotonic()
+            if not suspended or remaining <= 0:
+                return
+            for co in suspended:
+                if co._cancel is not None or co._caller is not None:
+                    continue  # cancelled already (not yet raised), or running
+                co.cancel()
+                if co._abort is None and not co._sched.locked():
+                    # A bare yield_(): nothing can legitimately wake it now.
+                    self.schedule(co)
+            self._pass(min(remaining, 0.05))
 
     def _drain(self) -> None:
         while self._has_work() or self._idle_q:

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .comutex import CoMutex, _me, _report_dead_waiter
+from .comutex import CoMutex, _expire, _me, _report_dead_waiter, _timer_on_home
 from .context import wake
-from .coroutine import yield_
+from .coroutine import Cancelled, _suspend, checkpoint, park
 
 if TYPE_CHECKING:
     from .coroutine import Coroutine
@@ -48,28 +48,62 @@ class CoQueue:
     def __repr__(self) -> str:
         return f"<CoQueue at {id(self):#x}, {len(self._waiters)} waiting>"
 
-    def wait(self, lock: Lockable | None = None) -> None:
+    def wait(self, lock: Lockable | None = None, timeout: float | None = None) -> bool:
         """Queue self, release `lock` while waiting, re-acquire it before returning.
 
-        Coroutine only.
+        Returns True when woken, False after `timeout` seconds. A
+        cancellation point: a cancelled waiter leaves the queue (a wake-up
+        that raced the cancel is passed on to the next waiter), re-acquires
+        `lock` and raises Cancelled. Coroutine only.
         """
         co = _me(self, "wait")
         if isinstance(lock, CoMutex) and lock.holder is not co:
             raise RuntimeError(f"{co!r} waits on {self!r} with {lock!r}, which it does not hold")
+        checkpoint(co)
         waiters = self._waiters
+        withdrawn: list[bool] = []
+
+        def withdraw() -> bool:
+            # Home thread (a cancel or the timeout): leave the queue, unless
+            # a waker popped us first; then its wake-up is on the way.
+            try:
+                waiters.remove(co)
+            except ValueError:
+                return False
+            withdrawn.append(True)
+            return True
+
+        # Armed first (it cannot fire before we park: it runs in our loop).
+        timer = None
+        if timeout is not None:
+            timer = _timer_on_home(co, self, timeout, _expire, co, withdraw, [])
         waiters.append(co)
         if lock is not None:
             try:
                 lock.release()
             except BaseException:
+                if timer is not None:
+                    timer.cancel()
                 try:
                     waiters.remove(co)
                 except ValueError:
-                    yield_()  # a waker popped us already: take its wake-up
+                    _suspend(co)  # a waker popped us already: take its wake-up
                 raise
-        yield_()
-        if lock is not None:
-            lock.acquire()
+        try:
+            park(co, withdraw)
+        except Cancelled:
+            if not withdrawn:
+                self.next()  # we were popped by a waker: pass its wake-up on
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if lock is not None:
+                if isinstance(lock, CoMutex):
+                    lock._acquire_shielded(co)
+                else:
+                    lock.acquire()
+        return not withdrawn
 
     def next(self) -> bool:
         """Wake the first waiter; False if there is none. Thread: any."""

@@ -76,6 +76,19 @@ class _CoGreenlet(greenlet):
     co: Coroutine[Any] | None
 
 
+class Cancelled(BaseException):
+    """Raised inside a cancelled coroutine at its suspension point.
+
+    A BaseException, like asyncio.CancelledError and trio.Cancelled, so
+    that `except Exception` does not swallow it. `join()` and `result()` of
+    a coroutine that finished cancelled re-raise it.
+    """
+
+
+# Guards the cancel counters; never held across a switch, a wake or a syscall.
+_cancel_lock = threading.Lock()
+
+
 def _describe_thread(ident: int | None) -> str:
     for thread in threading.enumerate():
         if thread.ident == ident:
@@ -111,6 +124,9 @@ class Coroutine(Generic[T]):
         "_waiters",
         "_held",
         "_context",
+        "_cancel",
+        "_cancels",
+        "_abort",
     )
 
     def __init__(
@@ -153,6 +169,13 @@ class Coroutine(Generic[T]):
         self._held: Any = None
         # The contextvars it runs in: a copy of its creator's (as asyncio tasks).
         self._context = copy_context()
+        # Cancellation (see cancel()): the Cancelled to raise at the next
+        # cancellation point, or None; how many cancel() calls are not yet
+        # withdrawn by a scope (asyncio's cancelling()); while parked in a
+        # cancellable wait, the function that withdraws it from that wait.
+        self._cancel: Cancelled | None = None
+        self._cancels = 0
+        self._abort: Callable[[], bool] | None = None
 
     # -- state -------------------------------------------------------------
 
@@ -337,6 +360,72 @@ class Coroutine(Generic[T]):
             raise RuntimeError(f"{self!r} has not finished")
         return self._exc
 
+    # -- cancellation --------------------------------------------------------
+
+    def cancel(self, msg: object = None) -> bool:
+        """Ask the coroutine to stop: Cancelled is raised at its suspension point.
+
+        Not started: it never starts (it finishes cancelled). Suspended in a
+        cancellable wait (sleep, CoSleep.sleep, fd waits, join, call_sync
+        from a coroutine, run_in_thread): woken on its home context with
+        Cancelled. Running, or in a bare yield_(): Cancelled is raised at
+        its next cancellable wait, or when it is next resumed. Returns False
+        if it has already finished. Thread: any.
+        """
+        if self.done:
+            return False
+        with _cancel_lock:
+            self._cancels += 1
+            if self._cancel is None:
+                self._cancel = Cancelled() if msg is None else Cancelled(msg)
+        if self._greenlet is None:
+            # Not started. Scheduled: the loop finds the cancel when it enters
+            # it, and fn never runs (_trampoline). Not scheduled: take its
+            # schedule flag for good, so nobody can start it, and finish it.
+            if self._sched.acquire(False):
+                if self._greenlet is None and not self.done:
+                    self._finish(None, self._take_cancel())
+                    return True
+                self._sched.release()
+            return True
+        if getattr(getcurrent(), "co", None) is self:
+            return True  # raised at our own next cancellation point
+        ctx = self.ctx
+        if ctx is not None:
+            try:
+                ctx.call_soon(_deliver_cancel, self)
+            except RuntimeError:
+                pass  # its context is closed: nothing will resume it there
+        return True
+
+    def cancelled(self) -> bool:
+        """True once it has finished by cancellation. Thread: any."""
+        return self.done and isinstance(self._exc, Cancelled)
+
+    def cancelling(self) -> int:
+        """How many cancel() requests are outstanding (asyncio's Task.cancelling). Thread: any."""
+        return self._cancels
+
+    def uncancel(self) -> int:
+        """Withdraw one cancel() request; return how many remain.
+
+        When none remains, a Cancelled not yet raised is dropped. For
+        cancellation scopes (asyncio's Task.uncancel). Thread: any.
+        """
+        with _cancel_lock:
+            if self._cancels > 0:
+                self._cancels -= 1
+            if self._cancels == 0:
+                self._cancel = None
+            return self._cancels
+
+    def _take_cancel(self) -> Cancelled:
+        exc = self._cancel
+        self._cancel = None
+        if exc is None:  # withdrawn meanwhile by a scope; still, we were asked
+            exc = Cancelled()
+        return exc
+
     def _add_waiter(self, waiter: Any) -> None:
         waiters = self._waiters
         if waiters is None:
@@ -379,15 +468,23 @@ class Coroutine(Generic[T]):
                 )
             waiter = Waiter(None)
         self._add_waiter(waiter)
-        if not waiter.wait(timeout, lambda: self.done):
-            waiters = self._waiters
-            if waiters is not None:
-                try:
-                    waiters.remove(waiter)  # do not keep it until we finish
-                except ValueError:
-                    pass
-            raise TimeoutError(f"{self!r} did not finish within {timeout} s")
-        return self.result()
+        try:
+            if waiter.wait(timeout, lambda: self.done):
+                return self.result()
+        except Cancelled:
+            self._drop_waiter(waiter)
+            raise
+        self._drop_waiter(waiter)
+        raise TimeoutError(f"{self!r} did not finish within {timeout} s")
+
+    def _drop_waiter(self, waiter: Any) -> None:
+        """A joiner gave up (timeout, cancel): do not keep its waiter until we finish."""
+        waiters = self._waiters
+        if waiters is not None:
+            try:
+                waiters.remove(waiter)
+            except ValueError:
+                pass
 
     def _join_running_loop(self, ctx: AioContext, timeout: float | None) -> T:
         if timeout is None:
@@ -529,6 +626,8 @@ def _trampoline() -> None:
         co._kwargs = None
         result = None
         try:
+            if co._cancel is not None:
+                raise co._take_cancel()  # cancelled before it started: fn never runs
             # Plain calls, not fn(*args): the interpreter inlines those, so
             # no C frame stays on the saved stack of a suspended coroutine.
             if kwargs:
@@ -603,7 +702,7 @@ def _reconcile(ctx: AioContext | None, co: Coroutine[Any]) -> None:
     if frame is not None and frame.f_code is _TRAMPOLINE_CODE:
         _finished(ctx, co, g)
         exc = co._exc
-        if exc is not None and not co._exc_owned:
+        if exc is not None and not co._exc_owned and exc.__class__ is not Cancelled:
             co._exc_owned = True
             _report(ctx, exc, co)
 
@@ -623,7 +722,7 @@ def _absorb(
     """
     if to.done:
         exc = to._exc
-        if exc is not None and not to._exc_owned:
+        if exc is not None and not to._exc_owned and exc.__class__ is not Cancelled:
             if explicit:
                 return exc
             to._exc_owned = True  # reported at most once
@@ -751,8 +850,9 @@ def _requeue(
 def yield_() -> None:
     """Suspend the current coroutine and return to whoever entered it.
 
-    Returns when the coroutine is entered or woken again. QEMU:
-    qemu_coroutine_yield. Coroutine only.
+    Returns when the coroutine is entered or woken again. QEMU's primitive:
+    a cancel() does not interrupt it, but a pending Cancelled is raised
+    when it resumes. QEMU: qemu_coroutine_yield. Coroutine only.
     """
     try:
         co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
@@ -761,6 +861,66 @@ def yield_() -> None:
     caller = co._caller
     co._caller = None
     caller.switch()  # type: ignore[union-attr]
+    if co._cancel is not None:
+        raise co._take_cancel()
+
+
+def _shielded() -> bool:
+    """The abort of a wait that cannot be cancelled (see _suspend)."""
+    return False
+
+
+def _suspend(co: Coroutine[Any]) -> None:
+    """yield_() for corun's own short waits: never raises Cancelled.
+
+    Marked as a wait that cannot be withdrawn, so neither a cancel() nor
+    close() resumes it spuriously; a pending Cancelled waits for the next
+    cancellable wait. Coroutine only (co's).
+    """
+    co._abort = _shielded
+    caller = co._caller
+    co._caller = None
+    caller.switch()  # type: ignore[union-attr]
+    co._abort = None
+
+
+def checkpoint(co: Coroutine[Any]) -> None:
+    """Raise a pending Cancelled at the start of a cancellable wait. Coroutine only."""
+    if co._cancel is not None:
+        raise co._take_cancel()
+
+
+def park(co: Coroutine[Any], abort: Callable[[], bool] | None) -> None:
+    """The kernel's one cancellable wait (trio's wait_task_rescheduled).
+
+    The caller has published `co` where a waker will find it; `co` then
+    suspends until woken. cancel() runs `abort()` on the home thread, from
+    the loop: it withdraws `co` from what it waits on and returns True (then
+    the canceller wakes `co`), or returns False when a wake-up already won
+    the race (then that wake-up resumes `co`). Either way Cancelled is
+    raised here on resume, and the caller cleans up in its except/finally
+    (giving back what a racing wake-up handed it). `abort` None: the wait
+    cannot be withdrawn; a pending cancel is raised when it is resumed.
+    Coroutine only (co's).
+    """
+    co._abort = abort
+    caller = co._caller
+    co._caller = None
+    caller.switch()  # type: ignore[union-attr]
+    co._abort = None
+    if co._cancel is not None:
+        raise co._take_cancel()
+
+
+def _deliver_cancel(co: Coroutine[Any]) -> None:
+    """Interrupt `co`'s cancellable wait. Thread: co's home, from the loop."""
+    abort = co._abort
+    if abort is None or co._cancel is None or co.done:
+        return  # not parked (raised at its next wait or resume), or withdrawn
+    ctx = co.ctx
+    if abort() and ctx is not None:
+        co._abort = None
+        ctx.enter(co)  # we run in its home thread, outside coroutines: enters it now
 
 
 def current_coroutine() -> Coroutine[Any] | None:

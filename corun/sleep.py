@@ -14,6 +14,9 @@ one-shot claim (a non-blocking Lock acquire); the winner drops the flag
 and wakes the coroutine, the loser does nothing, so a second wake is a
 no-op and a wake after the timer is too.
 
+Both are cancellation points: a cancel() withdraws the sleep (the timer,
+or CoSleep's claim) and raises Cancelled in the sleeper.
+
 Threads: `sleep` from coroutines; `CoSleep.wake` from any thread.
 """
 
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from greenlet import getcurrent
 
 from .context import wake
-from .coroutine import yield_
+from .coroutine import checkpoint, park
 
 if TYPE_CHECKING:
     from .context import AioContext
@@ -64,17 +67,25 @@ def sleep(seconds: float) -> None:
     QEMU: qemu_co_sleep_ns. Coroutine only.
     """
     co, ctx = _sleeper("sleep()")
+    checkpoint(co)
     if seconds <= 0:
         ctx.schedule(co)
-        yield_()
+        park(co, None)  # a schedule cannot be withdrawn: Cancelled on resume
         return
     _take_sched(co, "sleep()")
     try:
-        ctx.call_later(seconds, _drop_sched_and_wake, co)
+        timer = ctx.call_later(seconds, _drop_sched_and_wake, co)
     except BaseException:
         _drop_sched(co)  # no timer (bad `seconds`, closed context): not asleep
         raise
-    yield_()
+
+    def abort() -> bool:
+        # Home thread, like the timer's callback: if we run, it has not.
+        timer.cancel()
+        _drop_sched(co)
+        return True
+
+    park(co, abort)
 
 
 class _Nap:
@@ -106,6 +117,7 @@ class CoSleep:
     def sleep(self, seconds: float) -> None:
         """Sleep for `seconds` or until wake(), whichever comes first. Coroutine only."""
         co, ctx = _sleeper(f"{self!r}.sleep()")
+        checkpoint(co)
         if self._nap is not None:
             raise RuntimeError(f"{co!r}: {self!r} already has a sleeper")
         _take_sched(co, self)
@@ -118,8 +130,16 @@ class CoSleep:
         # Published after the flag is taken: pairs with wake(), which can
         # only end a nap it can see.
         self._nap = nap
+
+        def abort() -> bool:
+            # The one-shot claim decides against a racing wake() or timer.
+            if not nap.claim.acquire(False):
+                return False
+            _drop_sched(co)
+            return True
+
         try:
-            yield_()
+            park(co, abort)
         finally:
             self._nap = None
             timer.cancel()

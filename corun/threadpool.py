@@ -12,6 +12,10 @@ coroutine. Like thread_pool_submit_co, the coroutine always yields, even
 when `fn` finished before the callback was attached (the callback then
 runs inline, and the loop can only run the wake-up after we yielded).
 
+A cancellation point: cancel() wakes the coroutine with Cancelled at once;
+a call already running in its worker cannot be stopped: it finishes there
+and its outcome is dropped (a call still queued never runs).
+
 Threads: coroutines only.
 """
 
@@ -23,8 +27,8 @@ from typing import Any, TypeVar
 
 from greenlet import getcurrent
 
-from .context import wake
-from .coroutine import yield_
+from .coroutine import Cancelled, checkpoint
+from .waiter import Waiter
 
 T = TypeVar("T")
 
@@ -40,9 +44,18 @@ def run_in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     ctx = co.ctx
     if ctx is None:
         raise RuntimeError(f"run_in_thread() needs a context: {co!r} has none")
+    checkpoint(co)
     future: Future[T] = ctx._get_thread_pool().submit(fn, *args, **kwargs)
+    waiter = Waiter(co)
     # Runs in the worker, or inline here if fn is already done; either way
-    # the home thread's loop enters us only after the yield below.
-    future.add_done_callback(lambda _: ctx.call_soon(wake, co))
-    yield_()
+    # the home thread's loop fires the waiter only after we park in wait().
+    # (Once a cancel has withdrawn the waiter, there is nobody to tell.)
+    future.add_done_callback(lambda _: waiter.claimed() or ctx.call_soon(waiter.fire))
+    try:
+        waiter.wait()
+    except Cancelled:
+        # fn cannot be stopped once it runs: it finishes in its worker and
+        # its result or exception is dropped.
+        future.cancel()
+        raise
     return future.result()

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import context as _context
-from .coroutine import yield_
+from .coroutine import checkpoint, park
 
 if TYPE_CHECKING:
     from .coroutine import Coroutine
@@ -59,6 +59,10 @@ class Waiter:
             self._latch.release()  # type: ignore[union-attr]
         return True
 
+    def claimed(self) -> bool:
+        """Whether a fire() or cancel() has already acted. Thread: any."""
+        return self._claim.locked()
+
     def cancel(self) -> bool:
         """Withdraw: True if no fire() happened and none will act. Thread: any."""
         return self._claim.acquire(False)
@@ -86,6 +90,7 @@ class Waiter:
                     return False
                 self._latch.acquire()  # a fire() won the race: it is releasing
             return self.value is not TIMEOUT
+        checkpoint(co)
         timer = None
         if timeout is not None:
             ctx = co.ctx
@@ -93,9 +98,13 @@ class Waiter:
                 raise RuntimeError(f"{co!r} has no context: a timeout needs one")
             timer = ctx.call_later(max(timeout, 0.0), self.fire, TIMEOUT)
         # Exactly one fire() wins the claim and wakes us exactly once, so one
-        # yield absorbs it. The timer can only fire after we yield: it runs
-        # in this thread's loop.
-        yield_()
-        if timer is not None:
-            timer.cancel()
+        # park absorbs it. The timer can only fire after we park: it runs in
+        # this thread's loop. A cancel() takes the claim (self.cancel) and
+        # wakes us itself; if a fire() won, its wake-up resumes us. Either
+        # way park() raises Cancelled.
+        try:
+            park(co, self.cancel)
+        finally:
+            if timer is not None:
+                timer.cancel()
         return self.value is not TIMEOUT

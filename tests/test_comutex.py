@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import warnings
 from collections import deque
 
 import pytest
-from helpers import drain
+from helpers import drain, in_other_thread
 
 from corun import (
     AioContext,
@@ -701,6 +702,44 @@ def test_finishing_while_holding_is_reported(ctx):
 # -- regressions from the review ---------------------------------------------------
 
 
+def _holder_and_late(ctx, mutex, events):
+    def holder():
+        mutex.acquire()
+        yield_()
+        mutex.release()
+        events.append("released")
+
+    def late():
+        with mutex:
+            events.append("late got it")
+
+    h = ctx.spawn(holder)
+    drain(ctx)
+    return h, late
+
+
+@pytest.mark.timeout(20)
+def test_a_waiter_whose_context_closes_is_cancelled_and_leaves_the_queue(ctx):
+    mutex = CoMutex()
+    errors = []
+    ctx.set_exception_handler(lambda c, exc, origin: errors.append(exc))
+    events = []
+    h, late = _holder_and_late(ctx, mutex, events)
+    with IOThread("doomed") as t:
+        doomed = t.ctx.spawn(mutex.acquire, name="doomed-waiter")
+        t.ctx.call_sync(lambda: None)  # it has queued
+    # Closing t cancelled `doomed`, which withdrew from the queue.
+    assert doomed.cancelled()
+    assert len(mutex._waiters) == 0
+    ctx.spawn(late)
+    drain(ctx)
+    wake(h)
+    drain(ctx)
+    assert events == ["released", "late got it"]
+    assert not mutex.locked()
+    assert errors == []
+
+
 @pytest.mark.timeout(20)
 def test_release_skips_a_waiter_whose_context_was_closed(ctx):
     """Handing the mutex to a coroutine that can never run would lock it forever."""
@@ -708,25 +747,19 @@ def test_release_skips_a_waiter_whose_context_was_closed(ctx):
     errors = []
     ctx.set_exception_handler(lambda c, exc, origin: errors.append(exc))
     events = []
+    h, late = _holder_and_late(ctx, mutex, events)
+    box = []
 
-    def holder():
-        mutex.acquire()
-        yield_()
-        mutex.release()
-        events.append("released")
+    def other_thread():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            other = AioContext("doomed")
+            box.append(other.spawn(mutex.acquire, name="doomed-waiter"))
+            drain(other)
+            other.close(grace=0)  # no time to cancel it: it stays in the queue
 
-    h = ctx.spawn(holder)
-    drain(ctx)
-    dead = None
-    with IOThread("doomed") as t:
-        dead = t.ctx.spawn(mutex.acquire, name="doomed-waiter")
-        t.ctx.call_sync(lambda: None)  # it has queued
-    # t is closed now, with `dead` suspended in the mutex's queue
-
-    def late():
-        with mutex:
-            events.append("late got it")
-
+    in_other_thread(other_thread)
+    dead = box[0]
     ctx.spawn(late)
     drain(ctx)
     wake(h)

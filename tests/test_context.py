@@ -921,20 +921,39 @@ def test_close_drains_queued_work():
     assert current_context() is None
 
 
-def test_close_warns_about_suspended_coroutines():
+def _stubborn() -> None:
+    """Refuses to be cancelled: waits again whenever it is."""
+    while True:
+        try:
+            yield_()
+        except corun.Cancelled:
+            pass
+
+
+def test_close_cancels_suspended_coroutines_and_warns_about_stubborn_ones():
     ctx = AioContext("leaky")
-    ctx.spawn(yield_, name="left-behind-1")
-    ctx.spawn(yield_, name="left-behind-2")
+    events = []
+
+    def clean():
+        try:
+            yield_()
+        finally:
+            events.append("clean ran its finally")
+
+    ctx.spawn(_stubborn, name="left-behind-1")
+    ctx.spawn(_stubborn, name="left-behind-2")
+    cancelled = ctx.spawn(clean, name="cancelled-cleanly")
     finished = ctx.spawn(lambda: None, name="finished-fine")
     ctx.poll(False)
     with pytest.warns(ResourceWarning) as record:
-        ctx.close()
+        ctx.close(grace=0.2)
     messages = [str(w.message) for w in record if issubclass(w.category, ResourceWarning)]
     assert len(messages) == 1
     assert "left-behind-1" in messages[0] and "left-behind-2" in messages[0]
-    assert "finished-fine" not in messages[0]
+    assert "finished-fine" not in messages[0] and "cancelled-cleanly" not in messages[0]
     assert "leaky" in messages[0]
     assert finished.done
+    assert cancelled.cancelled() and events == ["clean ran its finally"]
 
 
 def test_close_without_suspended_coroutines_does_not_warn():

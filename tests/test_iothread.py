@@ -438,8 +438,17 @@ def test_finishing_coroutine_with_joiner_on_closed_context_keeps_its_loop():
         awaited = target.ctx.spawn(yield_, name="awaited")
         target.ctx.call_sync(lambda: None)  # awaited is suspended now
 
+        def stubborn_join() -> None:
+            # Refuses the cancel of its context's close: joins again.
+            while True:
+                try:
+                    awaited.join()
+                    return
+                except corun.Cancelled:
+                    pass
+
         joiner_io = IOThread(name="joiner-io")
-        joiner = joiner_io.ctx.spawn(awaited.join, name="joiner")
+        joiner = joiner_io.ctx.spawn(stubborn_join, name="joiner")
         joiner_io.ctx.call_sync(lambda: None)  # joiner waits in join()
         with pytest.warns(ResourceWarning, match="joiner"):
             joiner_io.join(timeout=10)
