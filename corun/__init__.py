@@ -1,6 +1,7 @@
 """corun: QEMU's coroutines and AioContext event loops for Python, on greenlets."""
 
 from .bh import BottomHalf
+from .channel import Queue, QueueEmpty, QueueFull, QueueShutDown
 from .comutex import CoMutex
 from .context import AioContext, current_context, wake
 from .coqueue import CoQueue
@@ -12,12 +13,15 @@ from .notifier import EventNotifier
 from .run import run
 from .scope import CancelScope, move_on_after, timeout
 from .sleep import CoSleep, sleep
+from .sync import BoundedSemaphore, Event, Semaphore
+from .taskgroup import TaskGroup
 from .threadpool import run_in_thread
 from .timer import Timer
 
 __all__ = [
     "AioContext",
     "BottomHalf",
+    "BoundedSemaphore",
     "CancelScope",
     "Cancelled",
     "CoMutex",
@@ -25,8 +29,15 @@ __all__ = [
     "CoRwLock",
     "CoSleep",
     "Coroutine",
+    "Event",
     "EventNotifier",
     "IOThread",
+    "Queue",
+    "QueueEmpty",
+    "QueueFull",
+    "QueueShutDown",
+    "Semaphore",
+    "TaskGroup",
     "Timer",
     "current_context",
     "current_coroutine",

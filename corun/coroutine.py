@@ -419,6 +419,12 @@ class Coroutine(Generic[T]):
                 self._cancel = None
             return self._cancels
 
+    def _defer_cancel(self, exc: Cancelled) -> None:
+        """Keep `exc` pending for the next cancellation point (the wait it hit completed)."""
+        with _cancel_lock:
+            if self._cancel is None:
+                self._cancel = exc
+
     def _take_cancel(self) -> Cancelled:
         exc = self._cancel
         self._cancel = None

@@ -18,13 +18,16 @@ Thread: `fire()` and `cancel()` from any thread; `wait()` by the waiter.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import _thread
 from . import context as _context
-from .coroutine import checkpoint, park
+from .coroutine import Cancelled, checkpoint, park
 
 if TYPE_CHECKING:
+    from .context import AioContext
     from .coroutine import Coroutine
 
 _PENDING: Any = object()
@@ -34,21 +37,38 @@ TIMEOUT: Any = object()
 class Waiter:
     """One wake-up for `co` (or, if `co` is None, for the calling thread)."""
 
-    __slots__ = ("_claim", "_latch", "co", "value")
+    __slots__ = ("_claim", "_latch", "_loop", "co", "value")
 
     def __init__(self, co: Coroutine[Any] | None) -> None:
         self.co = co
         self.value: Any = _PENDING
         self._claim = threading.Lock()
         self._latch: threading.Lock | None = None
+        # A plain thread that owns an open context keeps running its loop
+        # while it waits (as join() does), or work for it would stall.
+        self._loop: AioContext | None = None
         if co is None:
             self._latch = threading.Lock()
             self._latch.acquire()
+            self._loop = _thread._tls.ctx
 
     def fire(self, value: Any = None) -> bool:
         """Deliver the wake-up with `value` unless someone did already. Thread: any."""
         if not self._claim.acquire(False):
             return False
+        self.deliver(value)
+        return True
+
+    def claim(self) -> bool:
+        """Win the right to wake this waiter (then call deliver()); False if taken. Thread: any.
+
+        Lets a waker commit to a waiter under its own short lock and wake it
+        after letting go of that lock.
+        """
+        return self._claim.acquire(False)
+
+    def deliver(self, value: Any = None) -> None:
+        """Wake the waiter with `value`; only after a successful claim(). Thread: any."""
         # value is stored before the wake-up is published: the woken side
         # reads it only after wake()/release(), which pair with this store.
         self.value = value
@@ -57,11 +77,18 @@ class Waiter:
             _context.wake(co)
         else:
             self._latch.release()  # type: ignore[union-attr]
-        return True
+            loop = self._loop
+            if loop is not None:
+                loop.notify()  # its thread runs its loop while it waits: see wait()
 
     def claimed(self) -> bool:
         """Whether a fire() or cancel() has already acted. Thread: any."""
         return self._claim.locked()
+
+    def delivered(self) -> bool:
+        """Whether a waker (not a timeout, not a cancel) delivered a value. Thread: any."""
+        value = self.value
+        return value is not _PENDING and value is not TIMEOUT
 
     def cancel(self) -> bool:
         """Withdraw: True if no fire() happened and none will act. Thread: any."""
@@ -80,16 +107,7 @@ class Waiter:
                 return True
             timeout = None  # a fire() won the claim: its wake-up is on the way
         if co is None:
-            assert self._latch is not None
-            if timeout is not None and timeout >= threading.TIMEOUT_MAX:
-                timeout = None  # longer than the OS can wait for: as good as forever
-            if timeout is None:
-                self._latch.acquire()
-            elif not self._latch.acquire(timeout=max(timeout, 0.0)):
-                if self.cancel():
-                    return False
-                self._latch.acquire()  # a fire() won the race: it is releasing
-            return self.value is not TIMEOUT
+            return self._wait_thread(timeout)
         checkpoint(co)
         timer = None
         if timeout is not None:
@@ -108,3 +126,48 @@ class Waiter:
             if timer is not None:
                 timer.cancel()
         return self.value is not TIMEOUT
+
+    def _wait_thread(self, timeout: float | None) -> bool:
+        latch = self._latch
+        assert latch is not None  # co is None
+        if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+            timeout = None  # longer than the OS can wait for: as good as forever
+        loop = self._loop
+        if loop is not None and not loop._closed:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not latch.acquire(False):
+                if deadline is None:
+                    loop._pass(None)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if self.cancel():
+                        return False
+                    latch.acquire()  # a fire() won the race: it is releasing
+                    break
+                loop._pass(remaining)
+        elif timeout is None:
+            latch.acquire()
+        elif not latch.acquire(timeout=max(timeout, 0.0)):
+            if self.cancel():
+                return False
+            latch.acquire()  # a fire() won the race: it is releasing
+        return self.value is not TIMEOUT
+
+
+def wait_or_complete(waiter: Waiter, timeout: float | None) -> bool:
+    """waiter.wait(), except that a cancel that lost the race to a waker is deferred.
+
+    If a waker had already delivered (an item, a permit), the operation is
+    complete: it returns True and the Cancelled stays pending, raised at the
+    coroutine's next cancellation point, so nothing handed over is lost or
+    handed twice. Coroutine or plain thread.
+    """
+    try:
+        return waiter.wait(timeout)
+    except Cancelled as exc:
+        co = waiter.co
+        if co is None or not waiter.delivered():
+            raise
+        co._defer_cancel(exc)
+        return True
