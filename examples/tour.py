@@ -1,4 +1,5 @@
-"""The README's tour: a coroutine on an IOThread, woken from another thread."""
+"""The README's tour: a coroutine on an IOThread woken from another thread, a CoMutex
+across IOThreads, a TaskGroup over two IOThreads joined by a Queue."""
 
 import threading
 
@@ -45,3 +46,29 @@ for co in cos:
 for t in threads:
     t.join()
 print(f"counter = {counter}")
+
+# A TaskGroup over two IOThreads: a producer and a consumer joined by a Queue.
+q: corun.Queue[int] = corun.Queue(maxsize=8)
+
+
+def produce(n: int) -> None:
+    for i in range(n):
+        q.put(i)  # suspends while the queue is full
+    q.close()  # end of stream
+
+
+def consume() -> int:
+    total = 0
+    while True:
+        try:
+            total += q.get()
+        except corun.QueueShutDown:
+            return total
+
+
+with corun.IOThread("io-a") as a, corun.IOThread("io-b") as b:
+    with corun.TaskGroup() as tg:  # owned by the main thread
+        tg.spawn(produce, 100, ctx=a.ctx)
+        consumer = tg.spawn(consume, ctx=b.ctx)
+    # Leaving the block waited for both; a failure would have cancelled the other.
+    print(f"sum = {consumer.result()}")

@@ -28,6 +28,8 @@ def test_tour_prints_what_the_readme_shows() -> None:
     stats = ast.literal_eval(out[4])
     assert stats["co_entered"] == 2 and stats["co_scheduled"] == 2
     assert out[5] == "counter = 1000"
+    assert out[6] == "sum = 4950"
     readme = (ROOT / "README.md").read_text()
     for line in [*out[:4], out[5].split(" = ")[0]]:
         assert line in readme
+    assert "# sum = 4950" in readme
