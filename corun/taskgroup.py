@@ -6,8 +6,9 @@ group's owner may be a coroutine or a plain thread.
 
 Design. The group counts its running children under a tiny
 `threading.Lock` (never held across a switch, a wake or a syscall). Each
-child runs its function inside `_run_child`, which records a failure and
-counts the child out when it ends, on whatever thread it runs. The first
+child runs its function inside `_run_child`, which records a failure; a
+join waiter on the child counts it out once it is done, on whatever thread
+it ends (so every child is done, its result set, when the block is left). The first
 failure aborts the group: every other child is cancelled with
 `co.cancel()` (which crosses threads), and so is the owner while it is
 still in the block, so that the block stops too; later spawns are refused.
@@ -47,6 +48,23 @@ T = TypeVar("T")
 
 # Numbers for default child names only; never read back.
 _names = itertools.count(1)
+
+
+class _ChildDone:
+    """Joins a child for its group: fired by the child's _finish (a join waiter)."""
+
+    __slots__ = ("child", "group")
+
+    # Read by Coroutine._wake_joiner: not a coroutine, so it is fire()d.
+    co = None
+
+    def __init__(self, group: TaskGroup, child: Coroutine[Any]) -> None:
+        self.group = group
+        self.child = child
+
+    def fire(self, value: object = None) -> bool:
+        self.group._child_finished(self.child)
+        return True
 
 
 class TaskGroup:
@@ -126,6 +144,9 @@ class TaskGroup:
             name = f"{getattr(fn, '__qualname__', type(fn).__name__)}-{next(_names)}"
         co: Coroutine[T] = Coroutine(self._run_child, fn, args, name=name)
         co._exc_owned = True  # the group raises its exception, not the handler
+        # Counted out once it is done (result set), however it ends: even
+        # cancelled before it ever ran.
+        co._add_waiter(_ChildDone(self, co))
         with self._lock:
             if not self._entered:
                 raise RuntimeError(f"{self!r}.spawn() outside its `with` block")
@@ -141,7 +162,6 @@ class TaskGroup:
         return co
 
     def _run_child(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
         try:
             return fn(*args)
         except Cancelled:
@@ -149,8 +169,6 @@ class TaskGroup:
         except BaseException as exc:
             self._fail(exc)
             raise
-        finally:
-            self._child_finished(co)
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
