@@ -749,6 +749,16 @@ def _settle(ctx: AioContext | None, co: Coroutine[Any], current: greenlet, expli
     entered now, depth first. Interrupted anywhere, nothing is lost: the
     coroutines still queued move to the context's ready queue (_salvage).
     """
+    if co._wakeups is None:
+        # Finished and woke nobody, the common case: only its exception to
+        # deal with, and no queue to build.
+        exc = co._exc
+        if exc is not None and not co._exc_owned and exc.__class__ is not Cancelled:
+            if explicit:
+                raise exc
+            co._exc_owned = True  # reported at most once
+            _report(ctx, exc, co)
+        return
     pending: deque[Coroutine[Any]] = deque((_END,))
     to: Coroutine[Any] | None = None
     started = released = None
