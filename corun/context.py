@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
+import socket
 import sys
 import threading
 import time as _time
@@ -130,6 +132,11 @@ class AioContext:
             self._notifier.close()
             raise
         self._fds: dict[int, list[Handler | None]] = {}
+        # Main thread only: the signal module's wake-up fd (see _watch_signals).
+        self._signal_socks: tuple[socket.socket, socket.socket] | None = None
+        self._signal_fd = -1
+        if threading.current_thread() is threading.main_thread():
+            self._watch_signals()
 
         # Coroutines that started here and have not finished (for close()).
         self._live: set[Coroutine[Any]] = set()
@@ -512,7 +519,9 @@ class AioContext:
         ready = None
         if events:
             for fd, mask in events:
-                if fd == self._notify_fd:
+                if fd == self._signal_fd:
+                    self._drain_signal_fd()
+                elif fd == self._notify_fd:
                     if not self._notify_edge:
                         self._notifier.test_and_clear()
                     # Pairs with notify(): this wake-up is consumed (the
@@ -808,7 +817,11 @@ class AioContext:
                 if co._abort is None and not co._sched.locked():
                     # A bare yield_(): nothing can legitimately wake it now.
                     self.schedule(co)
-            self._pass(min(remaining, 0.05))
+            # Deliver, let them run, then give timers (a clean-up's sleep)
+            # up to 10 ms before the next round: a coroutine that keeps
+            # catching Cancelled is cancelled again at most every 10 ms.
+            self._drain()
+            self._pass(min(remaining, 0.010))
 
     def _drain(self) -> None:
         while self._has_work() or self._idle_q:
@@ -824,10 +837,66 @@ class AioContext:
             pool = self._thread_pool = ThreadPoolExecutor(thread_name_prefix=f"{self.name}-worker")
         return pool
 
+    def _watch_signals(self) -> None:
+        """Make a signal wake a blocked poll() of the main thread's context.
+
+        A signal's Python handler runs only when the main thread runs Python
+        code; one that arrives just before the loop blocks in epoll would
+        wait there until the next timer or wake-up, and Ctrl-C would seem
+        ignored. Like asyncio, point the signal module's wake-up fd at a
+        socket the loop watches: the C-level handler writes a byte, epoll
+        returns, and the Python handler runs at once. Left alone if someone
+        else (another loop, the application) has set a wake-up fd already.
+        """
+        try:
+            rsock, wsock = socket.socketpair()
+        except OSError:
+            return
+        try:
+            rsock.setblocking(False)
+            wsock.setblocking(False)
+            previous = signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+            if previous != -1:
+                signal.set_wakeup_fd(previous)  # not ours to replace
+                raise ValueError
+            self._poller.set(rsock.fileno(), READ)
+        except (OSError, ValueError):
+            rsock.close()
+            wsock.close()
+            return
+        self._signal_socks = (rsock, wsock)
+        self._signal_fd = rsock.fileno()
+
+    def _drain_signal_fd(self) -> None:
+        socks = self._signal_socks
+        if socks is None:
+            return
+        try:
+            while socks[0].recv(4096):
+                pass
+        except OSError:
+            pass  # drained (BlockingIOError) or closing
+
+    def _unwatch_signals(self) -> None:
+        socks = self._signal_socks
+        if socks is None:
+            return
+        self._signal_socks = None
+        self._signal_fd = -1
+        try:
+            current = signal.set_wakeup_fd(-1)
+            if current != socks[1].fileno():
+                signal.set_wakeup_fd(current)  # replaced meanwhile: not ours
+        except ValueError:
+            pass  # not the main thread (a fork child's copy): nothing was ours
+        for sock in socks:
+            sock.close()
+
     def _release_resources(self) -> None:
         if self._released:
             return
         self._released = True
+        self._unwatch_signals()
         _thread._contexts.discard(self)
         pool = self._thread_pool
         if pool is not None and not self._inherited:
@@ -876,6 +945,8 @@ class AioContext:
         self._co_pool.clear()
         self._fds.clear()
         self._live.clear()
+        # The wake-up fd socket pair is shared with the parent: stop using it.
+        self._unwatch_signals()
         for close in (self._poller.close, self._notifier.close):
             try:
                 close()
