@@ -157,6 +157,10 @@ class TaskGroup:
         try:
             target.schedule(co)
         except BaseException:
+            if co.done:
+                # An abort cancelled it between our count and the schedule:
+                # its join waiter counted it out already.
+                raise RuntimeError(f"cannot spawn {fn!r} into {self!r}: it is closing") from None
             self._child_finished(co)
             raise
         return co
@@ -238,6 +242,11 @@ class TaskGroup:
                 cancelled = None
         failures = self._failures
         if failures:
+            if cancelled is not None and owner is not None and owner.cancelling() > 0:
+                # Somebody else cancelled the owner too: the group's error
+                # replaces that Cancelled here, so keep it pending for the
+                # owner's next wait rather than lose it.
+                owner._defer_cancel(cancelled)
             raise BaseExceptionGroup("unhandled errors in a TaskGroup", failures) from None
         if cancelled is not None:
             if cancelled is exc:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _thread
 from . import context as _context
-from .coroutine import Cancelled, checkpoint, park
+from .coroutine import Cancelled, park
 
 if TYPE_CHECKING:
     from .context import AioContext
@@ -108,7 +108,11 @@ class Waiter:
             timeout = None  # a fire() won the claim: its wake-up is on the way
         if co is None:
             return self._wait_thread(timeout)
-        checkpoint(co)
+        # A pending cancel: withdraw and raise, unless a fire() already won
+        # the claim (its wake-up is on the way): then park to absorb it, and
+        # park() raises the Cancelled.
+        if co._cancel is not None and self.cancel():
+            raise co._take_cancel()
         timer = None
         if timeout is not None:
             ctx = co.ctx
