@@ -107,12 +107,14 @@ class Queue(Generic[T]):
 
     def put_nowait(self, item: T) -> None:
         """Queue `item` or raise QueueFull. Thread: any."""
-        with self._lock:
-            done = self._put_locked(item)
-        if done is False:
-            raise QueueFull(f"put_nowait() on {self!r}")
-        if isinstance(done, Waiter):
-            done.deliver(item)
+        while True:
+            with self._lock:
+                done = self._put_locked(item)
+            if done is False:
+                raise QueueFull(f"put_nowait() on {self!r}")
+            if done is True or done.deliver(item):
+                return
+            # That getter can never run (its context closed): try again.
 
     def put(self, item: T, timeout: float | None = None) -> None:
         """Queue `item`, waiting while the queue is full; QueueFull after `timeout` seconds.
@@ -120,23 +122,21 @@ class Queue(Generic[T]):
         A cancellation point in a coroutine when it has to wait; a put that
         completed is never undone. Coroutine or thread.
         """
-        with self._lock:
-            done = self._put_locked(item)
-        if done is True:
-            return
-        if isinstance(done, Waiter):
-            done.deliver(item)
-            return
-        waiter = Waiter(_caller())
-        with self._lock:
-            done = self._put_locked(item)
+        waiter = None
+        while True:
+            with self._lock:
+                done = self._put_locked(item)
+                if done is False and waiter is not None:
+                    self._putters.append((waiter, item))
+                    break
+            if done is True:
+                return
             if done is False:
-                self._putters.append((waiter, item))
-        if done is True:
-            return
-        if isinstance(done, Waiter):
-            done.deliver(item)
-            return
+                waiter = Waiter(_caller())  # made outside the lock; then try again
+                continue
+            if done.deliver(item):
+                return
+            # That getter can never run (its context closed): try again.
         try:
             ok = wait_or_complete(waiter, timeout)
         except BaseException:
@@ -180,7 +180,7 @@ class Queue(Generic[T]):
         if not ok:
             raise QueueEmpty(f"get_nowait() on {self!r}")
         if putter is not None:
-            putter.deliver(True)
+            putter.deliver(True)  # its item is queued either way
         return item  # type: ignore[no-any-return]
 
     def get(self, timeout: float | None = None) -> T:
@@ -200,7 +200,7 @@ class Queue(Generic[T]):
             if not ok:
                 return self._wait_get(waiter, timeout)
         if putter is not None:
-            putter.deliver(True)
+            putter.deliver(True)  # its item is queued either way
         return item  # type: ignore[no-any-return]
 
     def _wait_get(self, waiter: Waiter, timeout: float | None) -> T:
@@ -239,7 +239,7 @@ class Queue(Generic[T]):
             self._getters.clear()
             self._putters.clear()
         for waiter in woken:
-            waiter.deliver(_SHUTDOWN)
+            waiter.deliver(_SHUTDOWN)  # one that can never run needs no telling
 
     shutdown = close
 

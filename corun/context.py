@@ -99,6 +99,7 @@ class AioContext:
         self._closed = False
         self._draining = False
         self._released = False
+        self._close_done: threading.Event | None = None  # set once close() is over
         self._inherited = False  # True in a forked child: see _after_fork_in_child()
         self._interrupted = False  # a pass was left by an exception: see _recover()
 
@@ -238,6 +239,12 @@ class AioContext:
                 return  # close() runs on this thread and drains until empty
             queue.remove(item)  # pragma: no cover - the home thread checks first
             raise self._refusal(repr(item))
+        done = self._close_done
+        if done is not None and isinstance(item, Coroutine) and item._live_in is self:
+            # A wake-up of its own coroutine that close() accepted while it
+            # drains (see schedule()): the drain runs it unless it came after
+            # the last one; only once close() is over can we tell.
+            done.wait()
         with self._close_lock:
             try:
                 queue.remove(item)
@@ -283,7 +290,10 @@ class AioContext:
                 "thread (a greenlet never changes threads); call into the context "
                 "instead: ctx.spawn(fn).join() or ctx.call_sync(fn)"
             )
-        if self._closed and self._refuses():
+        if self._closed and self._refuses() and not (self._draining and co._live_in is self):
+            # While it drains, close() still takes wake-ups of its own
+            # coroutines from other threads (a hand-off to one that is
+            # cleaning up after its cancel): there are only so many of them.
             raise self._refusal(repr(co))
         if not co._sched.acquire(False):
             raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
@@ -762,6 +772,7 @@ class AioContext:
             )
         # Pairs with _submit(): a producer that appended before it could see
         # _closed is either drained here or takes its item back in _late().
+        self._close_done = threading.Event()
         self._closed = True
         self._draining = True
         try:
@@ -775,6 +786,7 @@ class AioContext:
             if self._draining:  # interrupted: no more work runs here
                 self._draining = False
                 self._release_resources()
+            self._close_done.set()
         suspended = [co for co in self._live if not co.done]
         self._live.clear()
         if suspended:

@@ -74,7 +74,8 @@ class Event:
                 waiter = waiters.popleft()
             except IndexError:
                 return
-            waiter.fire(True)
+            if waiter.claim():
+                waiter.deliver(True)  # one that can never run needs no telling
 
     def clear(self) -> None:
         """Reset the flag. Thread: any."""
@@ -180,8 +181,10 @@ class Semaphore:
                 waiter = self._waiters.popleft()
                 if not waiter.claim():
                     continue  # it timed out or was cancelled meanwhile
-            waiter.deliver(True)  # outside the lock: a wake may write an eventfd
-            return
+            # Outside the lock: a wake may write an eventfd.
+            if waiter.deliver(True):
+                return
+            # It can never run (its context closed): the permit goes on.
 
     def _check_release(self) -> None:
         """Hook for BoundedSemaphore (called under _lock)."""

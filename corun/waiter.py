@@ -53,10 +53,14 @@ class Waiter:
             self._loop = _thread._tls.ctx
 
     def fire(self, value: Any = None) -> bool:
-        """Deliver the wake-up with `value` unless someone did already. Thread: any."""
+        """Deliver the wake-up with `value` unless someone did already. Thread: any.
+
+        RuntimeError if the waiter's coroutine can never be woken (its
+        context is closed).
+        """
         if not self._claim.acquire(False):
             return False
-        self.deliver(value)
+        self._wake(value)
         return True
 
     def claim(self) -> bool:
@@ -67,14 +71,30 @@ class Waiter:
         """
         return self._claim.acquire(False)
 
-    def deliver(self, value: Any = None) -> None:
-        """Wake the waiter with `value`; only after a successful claim(). Thread: any."""
+    def deliver(self, value: Any = None) -> bool:
+        """Wake the waiter with `value`, after a successful claim(). Thread: any.
+
+        False if its coroutine can never be woken (its context is closed):
+        then it never sees `value`, and the waker must give it to someone
+        else.
+        """
+        try:
+            self._wake(value)
+        except RuntimeError:
+            return False
+        return True
+
+    def _wake(self, value: Any) -> None:
         # value is stored before the wake-up is published: the woken side
         # reads it only after wake()/release(), which pair with this store.
         self.value = value
         co = self.co
         if co is not None:
-            _context.wake(co)
+            try:
+                _context.wake(co)
+            except RuntimeError:
+                self.value = _PENDING  # never seen: not delivered
+                raise
         else:
             self._latch.release()  # type: ignore[union-attr]
             loop = self._loop

@@ -39,6 +39,16 @@ Cases:
   contended by one coroutine on each of 5 and of 2 IOThreads; against
   threading.Lock in 1, 5 and 2 threads, asyncio.Lock, and aiologic.Lock
   across 5 and 2 asyncio loops in their own threads.
+- queue: N items handed from a producer to a consumer through a bounded
+  (maxsize 64) and an unbounded corun.Queue, the producer coroutine on one
+  IOThread and the consumer coroutine on another; against queue.Queue
+  between two plain threads, asyncio.Queue (and uvloop's) fed from another
+  loop's thread with call_soon_threadsafe (bounded by an asyncio.Semaphore
+  on the producer's loop that the consumer releases the same way),
+  aiologic.Queue between two asyncio loops in two threads, and gevent
+  between two hubs: gevent.queue cannot cross hubs, so a deque with
+  gevent.lock.Semaphores, which can. Every consumer checks that it got all
+  N items in order; the notes give corun's wake-up fd writes per 1,000.
 - memory: bytes per suspended coroutine, 100,000 of them, against 100,000
   bare suspended greenlets (and gevent greenlets and asyncio tasks); each
   measured in a fresh child process by RSS growth (the headline number:
@@ -68,6 +78,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -108,7 +119,8 @@ class Impl:
 
     `run(n)` does n operations and returns a Sample; `weight` scales n for
     implementations far slower than the rest (ops/s do not depend on n).
-    `needs` names modules (or `corun.Name` attributes) it cannot run without.
+    `needs` names modules (or `corun.Name` attributes) it cannot run without;
+    `note` goes to the notes column.
     """
 
     key: str
@@ -116,6 +128,7 @@ class Impl:
     run: Callable[[int], Sample]
     needs: tuple[str, ...] = ()
     weight: float = 1.0
+    note: str = ""
 
 
 @dataclass
@@ -792,6 +805,273 @@ def contended_impls(k: int) -> list[Impl]:
     ]
 
 
+# -- queue ---------------------------------------------------------------------
+
+QUEUE_BOUND = 64
+
+
+def _check_handoff(n: int, got: int, bad: int) -> None:
+    """Every peer's consumer counts what it received: all n items, in order."""
+    if got != n or bad:
+        raise RuntimeError(f"received {got} of {n} items, {bad} out of order")
+
+
+def queue_corun(maxsize: int) -> Callable[[int], Sample]:
+    """A producer coroutine on one IOThread, the consumer coroutine on another."""
+
+    def run(n: int) -> Sample:
+        q: corun.Queue[int] = corun.Queue(maxsize)
+        box = [0, 0]  # received, out of order (written by the consumer only)
+
+        def produce() -> None:
+            put = q.put
+            for i in range(n):
+                put(i)
+
+        def consume() -> None:
+            get = q.get
+            bad = 0
+            for i in range(n):
+                if get() != i:
+                    bad += 1
+            box[:] = [n, bad]
+
+        with CorunLoops(2) as world:
+            ctxs = world.ctxs
+            before = sum(ctx.stats()["notify_writes"] for ctx in ctxs)
+            start = perf_counter()
+            cos = [ctxs[1].spawn(consume), ctxs[0].spawn(produce)]
+            _join_all(cos, start + RUN_TIMEOUT)
+            seconds = perf_counter() - start
+            writes = sum(ctx.stats()["notify_writes"] for ctx in ctxs) - before
+        _check_handoff(n, *box)
+        return rate(n, seconds, fd_writes_per_1k=1000 * writes / n)
+
+    return run
+
+
+def queue_threading(maxsize: int) -> Callable[[int], Sample]:
+    """queue.Queue between two plain threads."""
+
+    def run(n: int) -> Sample:
+        import queue
+
+        q: queue.Queue[int] = queue.Queue(maxsize)
+        box = [0, 0]
+        go = threading.Barrier(3)
+
+        def produce() -> None:
+            put = q.put
+            go.wait()
+            for i in range(n):
+                put(i)
+
+        def consume() -> None:
+            get = q.get
+            bad = 0
+            go.wait()
+            for i in range(n):
+                if get() != i:
+                    bad += 1
+            box[:] = [n, bad]
+
+        threads = [
+            threading.Thread(target=consume, name="queue-consumer", daemon=True),
+            threading.Thread(target=produce, name="queue-producer", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        start = perf_counter()
+        go.wait()
+        for t in threads:
+            t.join(RUN_TIMEOUT)
+        seconds = perf_counter() - start
+        _check_handoff(n, *box)
+        return rate(n, seconds)
+
+    return run
+
+
+def queue_asyncio(
+    maxsize: int, factory: Callable[[], asyncio.AbstractEventLoop]
+) -> Callable[[int], Sample]:
+    """asyncio.Queue on loop B, fed from loop A's thread with call_soon_threadsafe.
+
+    asyncio.Queue is not thread-safe, so loop A hands each item over with
+    `loop_b.call_soon_threadsafe(q.put_nowait, item)`. Bounded, an
+    asyncio.Semaphore(maxsize) on loop A keeps at most maxsize items in
+    flight: the consumer gives a slot back with `loop_a.call_soon_threadsafe`.
+    """
+
+    def run(n: int) -> Sample:
+        bounded = maxsize > 0
+        with AsyncioLoops(2, factory) as world:
+            loop_a, loop_b = world.loops
+            q: asyncio.Queue[int] = asyncio.Queue(maxsize)  # used on loop B only
+            slots = asyncio.Semaphore(max(maxsize, 1))  # used on loop A only
+
+            async def consume() -> tuple[int, int]:
+                get = q.get
+                give_back = loop_a.call_soon_threadsafe
+                release = slots.release
+                bad = 0
+                for i in range(n):
+                    if await get() != i:
+                        bad += 1
+                    if bounded:
+                        give_back(release)
+                return n, bad
+
+            async def produce() -> None:
+                post = loop_b.call_soon_threadsafe
+                put = q.put_nowait  # QueueFull here would mean the bound leaked
+                acquire = slots.acquire
+                for i in range(n):
+                    if bounded:
+                        await acquire()
+                    post(put, i)
+
+            start = perf_counter()
+            consumer = asyncio.run_coroutine_threadsafe(consume(), loop_b)
+            producer = asyncio.run_coroutine_threadsafe(produce(), loop_a)
+            got, bad = consumer.result(timeout=RUN_TIMEOUT)
+            seconds = perf_counter() - start
+            producer.result(timeout=RUN_TIMEOUT)
+        _check_handoff(n, got, bad)
+        return rate(n, seconds)
+
+    return run
+
+
+def queue_gevent(maxsize: int) -> Callable[[int], Sample]:
+    """A deque and gevent.lock.Semaphores (which may cross hubs) between two hubs.
+
+    gevent.queue cannot cross hubs: a get() in one hub's thread and a put()
+    in another's end in LoopExit or a switch into the wrong thread. Its
+    Semaphore is documented for multi-threaded use (gevent 20.12), so the
+    textbook bounded buffer is built from it: `items` counts what is in the
+    deque and, bounded, `slots` the room left.
+    """
+
+    def run(n: int) -> Sample:
+        import gevent
+        import gevent.lock
+
+        bounded = maxsize > 0
+        buf: deque[int] = deque()
+        items = gevent.lock.Semaphore(0)
+        slots = gevent.lock.Semaphore(max(maxsize, 1))
+        done = threading.Event()
+        box = [0, 0]
+
+        def consume() -> None:
+            acquire, release, pop = items.acquire, slots.release, buf.popleft
+            bad = 0
+            for i in range(n):
+                acquire()
+                if pop() != i:
+                    bad += 1
+                if bounded:
+                    release()
+            box[:] = [n, bad]
+            done.set()
+
+        def produce() -> None:
+            acquire, release, push = slots.acquire, items.release, buf.append
+            for i in range(n):
+                if bounded:
+                    acquire()
+                push(i)
+                release()
+
+        with GeventHubs(2) as world:
+            start = perf_counter()
+            world.posts[1](gevent.spawn, consume)
+            world.posts[0](gevent.spawn, produce)
+            _wait(done, "gevent hand-off")
+            seconds = perf_counter() - start
+        _check_handoff(n, *box)
+        return rate(n, seconds)
+
+    return run
+
+
+def queue_aiologic(maxsize: int) -> Callable[[int], Sample]:
+    """aiologic.Queue between a producer task on one asyncio loop and a consumer on another."""
+
+    def run(n: int) -> Sample:
+        import aiologic
+
+        q: aiologic.Queue[int] = aiologic.Queue(maxsize=maxsize if maxsize > 0 else None)
+
+        async def consume() -> tuple[int, int]:
+            get = q.async_get
+            bad = 0
+            for i in range(n):
+                if await get() != i:
+                    bad += 1
+            return n, bad
+
+        async def produce() -> None:
+            put = q.async_put
+            for i in range(n):
+                await put(i)
+
+        with AsyncioLoops(2, asyncio.new_event_loop) as world:
+            loop_a, loop_b = world.loops
+            start = perf_counter()
+            consumer = asyncio.run_coroutine_threadsafe(consume(), loop_b)
+            producer = asyncio.run_coroutine_threadsafe(produce(), loop_a)
+            got, bad = consumer.result(timeout=RUN_TIMEOUT)
+            seconds = perf_counter() - start
+            producer.result(timeout=RUN_TIMEOUT)
+        _check_handoff(n, got, bad)
+        return rate(n, seconds)
+
+    return run
+
+
+def queue_impls(maxsize: int) -> list[Impl]:
+    bound = f"Queue({maxsize})" if maxsize else "Queue()"
+    return [
+        Impl(
+            "corun",
+            f"corun: {bound}, coroutines on 2 IOThreads",
+            queue_corun(maxsize),
+            needs=("corun.Queue",),
+        ),
+        Impl("threading", f"queue.{bound}, 2 threads", queue_threading(maxsize)),
+        Impl(
+            "asyncio",
+            f"asyncio.{bound}, fed by call_soon_threadsafe",
+            queue_asyncio(maxsize, asyncio.new_event_loop),
+            weight=0.3,
+            note="bounded by a Semaphore on the producer's loop" if maxsize else "",
+        ),
+        Impl(
+            "uvloop",
+            f"uvloop: asyncio.{bound}, fed by call_soon_threadsafe",
+            queue_asyncio(maxsize, uvloop_factory),
+            needs=("uvloop",),
+            weight=0.3,
+        ),
+        Impl(
+            "gevent",
+            "gevent: deque + lock.Semaphore, 2 hubs",
+            queue_gevent(maxsize),
+            needs=("gevent",),
+            note="gevent.queue cannot cross hubs",
+        ),
+        Impl(
+            "aiologic",
+            f"aiologic.{bound}, 2 asyncio loops",
+            queue_aiologic(maxsize),
+            needs=("aiologic",),
+            weight=0.3,
+        ),
+    ]
+
+
 # -- memory --------------------------------------------------------------------
 
 MEMORY_IMPLS = ("corun", "greenlet", "gevent", "asyncio")
@@ -1020,6 +1300,8 @@ def build_cases() -> list[Case]:
         ),
         Case("mutex/contended-5", "mutex", 200_000, contended_impls(5)),
         Case("mutex/contended-2", "mutex", 200_000, contended_impls(2)),
+        Case("queue/bounded", "queue", 200_000, queue_impls(QUEUE_BOUND)),
+        Case("queue/unbounded", "queue", 200_000, queue_impls(0)),
         Case(
             "memory",
             "memory",
@@ -1042,7 +1324,7 @@ def build_cases() -> list[Case]:
     ]
 
 
-GROUPS = ("switch", "lifecycle", "pingpong", "pairs", "fanin", "mutex", "memory")
+GROUPS = ("switch", "lifecycle", "pingpong", "pairs", "fanin", "mutex", "queue", "memory")
 
 
 @dataclass
@@ -1070,6 +1352,10 @@ TARGETS = [
     Target("fanin", "corun", "<=", 10.0, extra="fd_writes_per_1k"),
     Target("mutex/contended-5", "aiologic", ">=", 20.0),
     Target("mutex/contended-5", "threading", ">=", 0.5),
+    Target("queue/bounded", "aiologic", ">=", 1.0),
+    Target("queue/bounded", "threading", ">=", 0.5),
+    Target("queue/unbounded", "aiologic", ">=", 1.0),
+    Target("queue/unbounded", "threading", ">=", 0.5),
     Target("memory", "greenlet", "<=", 1.5),
 ]
 
@@ -1143,7 +1429,7 @@ def table(rows: Sequence[Row]) -> str:
             continue
         spread = row.spread
         ratio = row.ratio
-        note = _fmt_extra(row.extra())
+        note = "; ".join(n for n in (row.impl.note, _fmt_extra(row.extra())) if n)
         if row.impl.key == "corun":
             note = ("reference; " + note) if note else "reference"
         lines.append(

@@ -30,6 +30,21 @@ reordered. The storms follow QEMU's tests/unit/test-aio-multithread.c:
 - fanin: `--producers` plain threads feed one context, half of them with
   `call_soon` and half with `spawn`; every item records its sequence
   number, and each item must run exactly once and in its producer's order.
+- queue: producers (a coroutine on each context and two plain threads)
+  put unique (producer, seq) items into one bounded corun.Queue (`--maxsize`,
+  default 16; 0: unbounded); consumers (two coroutines per context and two
+  plain threads, half of them with `get(timeout=...)`, some producers with
+  `put(timeout=...)`) take them. A canceller thread cancels a random
+  consumer coroutine every few milliseconds and spawns a replacement, and
+  the pace changes every 20 ms (free, producers napping so getters wait,
+  consumers napping so putters wait), so cancels and timeouts land while
+  items are being handed over. At the stop the producers stop, the queue
+  drains and `close()` ends the stream. Checks: every item put was
+  received exactly once; per producer, each consumer got its items in
+  increasing seq; `qsize()` never exceeded maxsize as observed; every
+  cancelled consumer finished with Cancelled and every other one at end of
+  stream; the queue ends empty and closed with no stale waiter in it; no
+  IOThread died; every coroutine finished.
 - faults (not part of `all`): `--producers` threads submit work of every
   kind to the IOThreads (call_soon, coroutines that sleep(0) or reschedule
   themselves and yield, bottom halves, call_later timers, cross-thread
@@ -59,8 +74,9 @@ writes per wake-up (from `AioContext.stats()`) and invariant checks passed;
 check passed, 1 when one failed (it is named on stderr), 130 when stopped
 with Ctrl-C (the summary is still printed).
 
-Usage: python tools/stress.py [all|schedule|mutex|rwlock|fanin|faults] [--seconds S]
-[--contexts N] [--impl comutex|threading] [--faults P] [--sigint N] [--seed N] [--json]
+Usage: python tools/stress.py [all|schedule|mutex|rwlock|fanin|queue|faults] [--seconds S]
+[--contexts N] [--impl comutex|threading] [--maxsize N] [--faults P] [--sigint N] [--seed N]
+[--json]
 """
 
 from __future__ import annotations
@@ -73,6 +89,7 @@ import signal
 import sys
 import threading
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +107,11 @@ logger = logging.getLogger("corun.tools.stress")
 # wake-up leaves a coroutine suspended forever: this bound turns that into a
 # failed check instead of a stuck script).
 STOP_TIMEOUT = 10.0
+
+# What a cancelled coroutine's join() raises (nothing to catch in a corun without it).
+_CANCELLED: tuple[type[BaseException], ...] = tuple(
+    c for c in (getattr(corun, "Cancelled", None),) if c is not None
+)
 
 # handler(ctx, exc, origin), as AioContext.set_exception_handler takes it.
 ExceptionHandler = Callable[[AioContext, BaseException, object], object]
@@ -217,6 +239,10 @@ class Storm:
                 stuck.append(co)
             except Exception:
                 pass  # reported by the exception handler check
+            except BaseException as exc:
+                if not isinstance(exc, _CANCELLED):
+                    raise
+                # Finished by cancellation (the queue storm's cancelled consumers).
         detail = f"{len(self.coroutines)} coroutines"
         if stuck:
             names = ", ".join(repr(co) for co in stuck[:5])
@@ -656,6 +682,416 @@ class FaninStorm(Storm):
 
     def info(self) -> dict[str, Any]:
         return {"producers": self.producers}
+
+
+class QueueStorm(Storm):
+    """Producers and consumers on IOThreads and plain threads share one bounded Queue.
+
+    Producers (one coroutine per context and PRODUCER_THREADS plain threads)
+    put unique items (producer, seq); some use put(timeout=...) and retry
+    the same item after QueueFull. Consumers (CONSUMERS_PER_CONTEXT
+    coroutines per context and CONSUMER_THREADS plain threads) get items,
+    half of them with get(timeout=...), and log what they received. A
+    canceller thread cancels a random consumer coroutine every few
+    milliseconds and spawns a replacement on a random context, so cancels
+    land while items are being handed to their getters.
+
+    The stop: producers stop putting (their last put completes), the
+    canceller stops, the queue drains, every cancelled consumer must have
+    finished with Cancelled, then close() ends the stream and the others
+    must leave with QueueShutDown. Per-consumer lists and counters are each
+    written by their own consumer only (the lists of consumers: by the
+    canceller, before it starts the consumer).
+    """
+
+    name = "queue"
+
+    PRODUCER_THREADS = 2
+    CONSUMER_THREADS = 2
+    CONSUMERS_PER_CONTEXT = 2
+    TIMEOUT = (0.0, 0.002)  # get(timeout=...) and put(timeout=...), seconds
+    CANCEL_GAP = (0.0, 0.003)  # between two cancels, seconds
+    SLEEP_SHARE = 1 / 8  # share of items after which a consumer coroutine sleep(0)s
+    # Phases of PHASE seconds take turns: free (nobody naps); trickle
+    # (producers nap up to NAP s before each put: the queue runs empty and
+    # getters wait); congested (consumers nap before a share NAP_SHARE of
+    # their gets: the queue fills and putters wait).
+    PHASE = 0.02
+    FREE, TRICKLE, CONGESTED = range(3)
+    NAP = 0.001
+    NAP_SHARE = 1 / 4
+    SETTLE = 0.05  # seconds the drained queue is watched for stale waiters
+
+    def __init__(self, ctxs: Sequence[AioContext], maxsize: int, seed: int) -> None:
+        super().__init__(ctxs)
+        self.maxsize = maxsize
+        self.seed = seed
+        self.queue = self.make_queue(maxsize)
+        n_producers = len(self.ctxs) + self.PRODUCER_THREADS
+        # Per producer: items whose put() returned (written by that producer only).
+        self.produced = [0] * n_producers
+        self.put_timeouts = [0] * n_producers
+        self.producer_max = [0] * n_producers  # largest qsize() a producer saw
+        self.producer_cos: list[Coroutine[Any]] = []
+        # Per consumer c: log[c][p] = the seqs of producer p it received, in order.
+        self.log: list[list[array[int]]] = []
+        self.got: list[int] = []
+        self.disorder: list[int] = []
+        self.get_timeouts: list[int] = []
+        self.consumer_max: list[int] = []
+        self.ended: list[str] = []  # how each consumer left: "" while it runs
+        self.late: list[int] = []  # items received with a cancel pending
+        self.thread_consumers: set[int] = set()
+        # Consumer coroutines: those not asked to stop, and those cancelled.
+        self.live: list[Coroutine[Any]] = []
+        self.cancelled: list[Coroutine[Any]] = []
+        self.cancels = 0
+        self.errors: list[str] = []
+        self.threads: list[threading.Thread] = []
+        self.consumer_threads: list[threading.Thread] = []
+        self.canceller: threading.Thread | None = None
+        self._stop_cancels = threading.Event()
+        self.stop_problems: dict[str, str] = {}
+        self.stale_waiters: str | None = None
+        self.dead: list[str] = []
+
+    @staticmethod
+    def make_queue(maxsize: int) -> corun.Queue[tuple[int, int]]:
+        """The queue under test (a test may swap in a broken one)."""
+        return corun.Queue(maxsize)
+
+    # -- the work ------------------------------------------------------------
+
+    def _error(self, who: str, exc: BaseException) -> None:
+        if len(self.errors) < 20:
+            self.errors.append(f"{who}: {exc!r}")
+
+    def _produce(self, p: int, use_timeout: bool, in_coroutine: bool) -> None:
+        q = self.queue
+        rng = random.Random(self.seed * 1000 + p)
+        produced = self.produced
+        seen = self.producer_max
+        low, high = self.TIMEOUT
+        nap = corun.sleep if in_coroutine else time.sleep
+        phase = self.PHASE
+        seq = 0
+        try:
+            while not self.stopping:
+                if int(time.monotonic() / phase) % 3 == self.TRICKLE:
+                    nap(rng.uniform(0.0, self.NAP))
+                item = (p, seq)
+                if use_timeout and rng.random() < 0.5:
+                    try:
+                        q.put(item, timeout=rng.uniform(low, high))
+                    except corun.QueueFull:
+                        self.put_timeouts[p] += 1
+                        continue  # not queued: the same item again
+                else:
+                    q.put(item)
+                seq += 1
+                produced[p] = seq
+                size = q.qsize()
+                if size > seen[p]:
+                    seen[p] = size
+        except Exception as exc:
+            self._error(f"producer {p}", exc)
+
+    def _new_consumer(self) -> int:
+        c = len(self.got)
+        self.log.append([array("q") for _ in self.produced])
+        self.disorder.append(0)
+        self.get_timeouts.append(0)
+        self.consumer_max.append(0)
+        self.late.append(0)
+        self.ended.append("")
+        self.got.append(0)  # last: ops() sums got while consumers are added
+        return c
+
+    def _consume(self, c: int, use_timeout: bool, in_coroutine: bool) -> str:
+        """Get items until end of stream; the cancelled ones leave with Cancelled."""
+        q = self.queue
+        rng = random.Random(self.seed * 1000 + 500 + c)
+        log = self.log[c]
+        last = [-1] * len(log)
+        got, disorder, seen = self.got, self.disorder, self.consumer_max
+        low, high = self.TIMEOUT
+        sleep_share = self.SLEEP_SHARE if in_coroutine else 0.0
+        me = current_coroutine()
+        nap = corun.sleep if in_coroutine else time.sleep
+        phase, nap_share = self.PHASE, self.NAP_SHARE
+        try:
+            while True:
+                if (
+                    not self.stopping
+                    and int(time.monotonic() / phase) % 3 == self.CONGESTED
+                    and rng.random() < nap_share
+                ):
+                    nap(rng.uniform(0.0, self.NAP))
+                try:
+                    if use_timeout:
+                        p, seq = q.get(timeout=rng.uniform(low, high))
+                    else:
+                        p, seq = q.get()
+                except corun.QueueEmpty:
+                    self.get_timeouts[c] += 1
+                    continue
+                except corun.QueueShutDown:
+                    self.ended[c] = "end of stream"
+                    return "end of stream"
+                # Logged before any other cancellation point: an item
+                # handed over is never dropped by the consumer itself.
+                log[p].append(seq)
+                if seq <= last[p]:
+                    disorder[c] += 1
+                last[p] = seq
+                got[c] += 1
+                if me is not None and me.cancelling():
+                    # Received although cancelled: the hand-off won the race
+                    # (or the get did not wait); Cancelled comes at the next
+                    # cancellation point.
+                    self.late[c] += 1
+                size = q.qsize()
+                if size > seen[c]:
+                    seen[c] = size
+                if sleep_share and rng.random() < sleep_share:
+                    corun.sleep(0)  # a cancellation point with no item in hand
+        except Exception as exc:
+            self._error(f"consumer {c}", exc)
+            self.ended[c] = f"failed: {exc!r}"
+            return "failed"
+
+    def _spawn_consumer(self, ctx: AioContext, use_timeout: bool) -> Coroutine[Any]:
+        c = self._new_consumer()
+        co = ctx.spawn(
+            self._consume,
+            c,
+            use_timeout,
+            True,
+            name=f"consumer-{c}" + ("-t" if use_timeout else ""),
+        )
+        self.coroutines.append(co)
+        self.live.append(co)
+        return co
+
+    def _cancel_consumers(self) -> None:
+        rng = random.Random(self.seed * 1000 + 999)
+        low, high = self.CANCEL_GAP
+        try:
+            while not self._stop_cancels.wait(rng.uniform(low, high)):
+                victim = self.live.pop(rng.randrange(len(self.live)))
+                if victim.cancel():
+                    self.cancels += 1
+                self.cancelled.append(victim)
+                self._spawn_consumer(rng.choice(self.ctxs), use_timeout=rng.random() < 0.5)
+        except Exception as exc:
+            self._error("canceller", exc)
+
+    def start(self) -> None:
+        n_ctx = len(self.ctxs)
+        for ctx in self.ctxs:
+            for k in range(self.CONSUMERS_PER_CONTEXT):
+                self._spawn_consumer(ctx, use_timeout=k % 2 == 1)
+        for t in range(self.CONSUMER_THREADS):
+            c = self._new_consumer()
+            self.thread_consumers.add(c)
+            self.consumer_threads.append(
+                threading.Thread(
+                    target=self._consume,
+                    args=(c, t % 2 == 1, False),
+                    name=f"consumer-thread-{c}",
+                    daemon=True,
+                )
+            )
+        for p in range(n_ctx):
+            co = self.ctxs[p].spawn(self._produce, p, p % 2 == 1, True, name=f"producer-{p}")
+            self.producer_cos.append(co)
+            self.coroutines.append(co)
+        for t in range(self.PRODUCER_THREADS):
+            p = n_ctx + t
+            self.threads.append(
+                threading.Thread(
+                    target=self._produce,
+                    args=(p, t % 2 == 1, False),
+                    name=f"producer-thread-{p}",
+                    daemon=True,
+                )
+            )
+        self.canceller = threading.Thread(
+            target=self._cancel_consumers, name="canceller", daemon=True
+        )
+        for thread in [*self.consumer_threads, *self.threads, self.canceller]:
+            thread.start()
+
+    def ops(self) -> int:
+        return sum(self.got)
+
+    # -- the stop ------------------------------------------------------------
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        while not done():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def stop(self) -> list[Check]:
+        self.stopping = True
+        self._stop_cancels.set()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        helpers = [*self.threads, *([self.canceller] if self.canceller else [])]
+        for thread in helpers:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        stuck = [t.name for t in helpers if t.is_alive()]
+        for co in self.producer_cos:
+            try:
+                co.join(timeout=max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                stuck.append(repr(co))
+            except BaseException as exc:
+                self._error(repr(co), exc)
+        q = self.queue
+        # No more puts: the consumers drain the queue, and the cancelled
+        # ones meet their Cancelled at the get that finds it empty.
+        drained = self._wait_until(lambda: q.qsize() == 0, deadline)
+        if not drained:
+            self.stop_problems["drain"] = f"{q.qsize()} items still queued"
+        self._wait_until(lambda: all(co.done for co in self.cancelled), deadline)
+        not_cancelled = [co for co in self.cancelled if not co.cancelled()]
+        if not_cancelled:
+            names = ", ".join(repr(co) for co in not_cancelled[:3])
+            self.stop_problems["cancelled"] = (
+                f"{len(not_cancelled)} of {len(self.cancelled)} did not finish with "
+                f"Cancelled before close(): {names}"
+            )
+        # Every live consumer waits in get() on the empty queue now (or is
+        # about to), those with a timeout timing out again and again: a
+        # waiter left behind by a timeout or a cancel (nothing is put to
+        # pop it any more) would soon outnumber them.
+        getters = getattr(q, "_getters", None)
+        if drained and getters is not None:
+            time.sleep(self.SETTLE)
+            consumers = len(self.live) + len(self.consumer_threads)
+            if len(getters) > consumers:
+                self.stale_waiters = f"{len(getters)} getters queued for {consumers} live consumers"
+        q.close()
+        for thread in self.consumer_threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        stuck += [t.name for t in self.consumer_threads if t.is_alive()]
+        checks = [
+            Check(
+                "producers, consumer threads and canceller stopped",
+                not stuck,
+                f"still running: {stuck}" if stuck else "",
+            ),
+            self._join_coroutines(),
+        ]
+        ends: Counter[str] = Counter()
+        for co in self.live:
+            if co.cancelled():
+                ends["cancelled"] += 1
+            elif not co.done:
+                ends["not done"] += 1
+            else:
+                ends[co.result()] += 1
+        for c in self.thread_consumers:
+            ends[self.ended[c] or "not done"] += 1
+        bad_ends = {k: v for k, v in ends.items() if k != "end of stream"}
+        others = len(self.live) + len(self.consumer_threads)
+        detail = f"{len(self.cancelled)} cancelled, {others} others; "
+        for name in ("cancelled", "drain"):
+            if name in self.stop_problems:
+                detail += self.stop_problems[name] + "; "
+        checks.append(
+            Check(
+                "cancelled consumers finished with Cancelled, the others at end of stream",
+                not bad_ends and "cancelled" not in self.stop_problems,
+                detail + (f"other ends: {bad_ends}" if bad_ends else ""),
+            )
+        )
+        for t in self.iothreads:
+            try:
+                if not t.is_alive():
+                    raise RuntimeError("thread not alive")
+                t.ctx.call_sync(lambda: None, timeout=max(deadline - time.monotonic(), 0.5))
+            except BaseException as exc:
+                self.dead.append(f"{t.name}: {exc!r}")
+        checks.append(
+            Check(
+                "no IOThread died (each alive and answering call_sync until joined)",
+                not self.dead,
+                "; ".join(self.dead),
+            )
+        )
+        return checks
+
+    # -- the checks ----------------------------------------------------------
+
+    def checks(self) -> list[Check]:
+        missing = doubled = phantom = 0
+        for p, produced in enumerate(self.produced):
+            counts = bytearray(produced)
+            for per_consumer in self.log:
+                for seq in per_consumer[p]:
+                    if seq >= produced:
+                        phantom += 1
+                    elif counts[seq] < 255:
+                        counts[seq] += 1
+            ones = counts.count(1)
+            zeros = counts.count(0)
+            missing += zeros
+            doubled += produced - ones - zeros
+        put = sum(self.produced)
+        received = sum(self.got)
+        disorder = sum(self.disorder)
+        max_seen = max([*self.producer_max, *self.consumer_max, 0])
+        q = self.queue
+        left = q.qsize()
+        checks = [
+            Check(
+                "every item put was received exactly once",
+                not (missing or doubled or phantom),
+                f"{put} put, {received} received; never: {missing}, more than once: "
+                f"{doubled}, never put: {phantom}",
+            ),
+            Check(
+                "per producer, each consumer received its items in put order",
+                disorder == 0,
+                f"{disorder} out-of-order items" if disorder else "",
+            ),
+            Check(
+                "qsize() never exceeded maxsize (as observed)",
+                self.maxsize <= 0 or max_seen <= self.maxsize,
+                f"largest seen {max_seen}, maxsize {self.maxsize}"
+                + (" (unbounded)" if self.maxsize <= 0 else ""),
+            ),
+            Check(
+                "queue empty and closed at the end; no stale waiter left in it",
+                left == 0 and q.empty() and q.closed and not self.stale_waiters,
+                f"qsize()={left} empty()={q.empty()} closed={q.closed}"
+                + (f"; {self.stale_waiters}" if self.stale_waiters else ""),
+            ),
+            Check(
+                "no put or get raised anything unexpected",
+                not self.errors,
+                f"{len(self.errors)}: {'; '.join(self.errors[:3])}" if self.errors else "",
+            ),
+        ]
+        return checks
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "maxsize": self.maxsize,
+            "producers": len(self.produced),
+            "consumers": len(self.got),
+            "items_put": sum(self.produced),
+            "received_by_threads": sum(self.got[c] for c in self.thread_consumers),
+            "cancels": self.cancels,
+            "cancelled": sum(co.cancelled() for co in self.cancelled),
+            "received_while_cancelled": sum(self.late),
+            "get_timeouts": sum(self.get_timeouts),
+            "put_timeouts": sum(self.put_timeouts),
+            "max_qsize": max([*self.producer_max, *self.consumer_max, 0]),
+        }
 
 
 # -- fault injection -----------------------------------------------------------
@@ -1698,6 +2134,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, Callable[[list[AioCon
         )
     if command in ("fanin", "all"):
         runs.append(("fanin", 1, lambda c: FaninStorm(c[0], producers)))
+    if command in ("queue", "all"):
+        maxsize = args.maxsize
+        runs.append(("queue", args.contexts, lambda c: QueueStorm(c, maxsize, seed)))
     # Not part of `all`: its timing (which item a fault or a signal hits)
     # differs from run to run, and the others check that nothing at all
     # reaches a handler.
@@ -1721,6 +2160,8 @@ def missing_api(run: str, impl: str) -> str | None:
         return "skipped: corun.CoMutex is not available in this corun yet"
     if run == "rwlock" and not (hasattr(corun, "CoRwLock") and hasattr(corun, "sleep")):
         return "skipped: corun.CoRwLock/corun.sleep are not available in this corun yet"
+    if run == "queue" and not all(hasattr(corun, name) for name in ("Queue", "Cancelled", "sleep")):
+        return "skipped: corun.Queue/corun.Cancelled are not available in this corun yet"
     if run.startswith("faults") and not (
         hasattr(corun, "sleep") and hasattr(corun, "EventNotifier")
     ):
@@ -1753,6 +2194,11 @@ def summary_table(results: Sequence[RunResult]) -> str:
     with_faults = any("faults_injected" in r.info for r in results)
     if with_faults:
         header = (*header[:-2], "injected", "reported", "refused", *header[-2:])
+    # The cancels and timeouts, only when a queue run is in the table.
+    queue_keys = ("cancels", "get_timeouts", "put_timeouts")
+    with_queue = any("cancels" in r.info for r in results)
+    if with_queue:
+        header = (*header[:-2], "cancels", "get t/o", "put t/o", *header[-2:])
     rows: list[tuple[str, ...]] = []
     for r in results:
         if r.skipped:
@@ -1764,6 +2210,8 @@ def summary_table(results: Sequence[RunResult]) -> str:
         if r.interrupted:
             status += " (interrupted)"
         faults = [_fmt_int(r.info.get(k)) for k in fault_keys] if with_faults else []
+        if with_queue:
+            faults += [_fmt_int(r.info.get(k)) for k in queue_keys]
         rows.append(
             (
                 r.run,
@@ -1797,9 +2245,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stress.py",
         description=(
-            "Hammer corun's cross-thread scheduling, CoMutex, CoRwLock and fan-in from "
-            "many IOThreads and check that no wake-up is lost (QEMU's "
-            "test-aio-multithread storms); `faults` injects exceptions (and, with "
+            "Hammer corun's cross-thread scheduling, CoMutex, CoRwLock, fan-in and Queue "
+            "from many IOThreads and check that no wake-up is lost (QEMU's "
+            "test-aio-multithread storms); `queue` cancels consumers of a bounded Queue "
+            "at random and checks that no item is lost or doubled; `faults` injects "
+            "exceptions (and, with "
             "--sigint, real SIGINTs) and checks that nothing is lost and no loop dies."
         ),
         epilog=(
@@ -1820,7 +2270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="all",
-        choices=("all", "schedule", "mutex", "rwlock", "fanin", "faults"),
+        choices=("all", "schedule", "mutex", "rwlock", "fanin", "queue", "faults"),
         help="which storm to run (default: all of them, one after the other, except faults)",
     )
     parser.add_argument(
@@ -1848,6 +2298,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--producers", type=int, default=8, help="fanin, faults: producer threads (default: 8)"
+    )
+    parser.add_argument(
+        "--maxsize",
+        type=int,
+        default=16,
+        help="queue: the Queue's bound, 0 for unbounded (default: 16)",
     )
     parser.add_argument(
         "--faults",
@@ -1895,6 +2351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.sigint < 0:
         print("stress.py: --sigint must be >= 0", file=sys.stderr)
+        return 2
+    if args.maxsize < 0:
+        print("stress.py: --maxsize must be >= 0 (0: unbounded)", file=sys.stderr)
         return 2
     progress = Progress(not args.quiet)
     interrupt = Interrupt()
