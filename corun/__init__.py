@@ -7,6 +7,7 @@ from .context import AioContext, current_context, wake
 from .coqueue import CoQueue
 from .coroutine import Cancelled, Coroutine, current_coroutine, in_coroutine, yield_
 from .corwlock import CoRwLock
+from .debug import dump, dump_on_signal
 from .fdwait import wait_readable, wait_writable
 from .iothread import IOThread
 from .notifier import EventNotifier
@@ -17,6 +18,9 @@ from .sync import BoundedSemaphore, Event, Semaphore
 from .taskgroup import TaskGroup
 from .threadpool import run_in_thread
 from .timer import Timer
+
+# The one place the version is written: pyproject.toml reads it from here.
+__version__ = "0.1.0.dev0"
 
 __all__ = [
     "AioContext",
@@ -41,6 +45,8 @@ __all__ = [
     "Timer",
     "current_context",
     "current_coroutine",
+    "dump",
+    "dump_on_signal",
     "in_coroutine",
     "move_on_after",
     "run",

@@ -46,6 +46,8 @@ class BottomHalf:
     ) -> None:
         if not callable(cb):
             raise TypeError(f"{ctx!r}.bh() needs a callable, got {cb!r}")
+        #: The name given to ctx.bh(), or the callback's qualified name; shown in
+        #: its repr. Thread: any.
         self.name = name or getattr(cb, "__qualname__", repr(cb))
         self._ctx = ctx
         self._cb = cb

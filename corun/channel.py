@@ -62,6 +62,8 @@ class Queue(Generic[T]):
         # Invariants (under _lock): _getters has live waiters only while
         # _items is empty; _putters only while _items is full; a claimed
         # waiter has left its deque and is delivered exactly once.
+        #: The bound given at creation: put() waits while qsize() >= maxsize; 0 or
+        #: less: unbounded. Thread: any.
         self.maxsize = maxsize
         self._lock = threading.Lock()
         self._items: deque[T] = deque()
@@ -132,7 +134,7 @@ class Queue(Generic[T]):
             if done is True:
                 return
             if done is False:
-                waiter = Waiter(_caller())  # made outside the lock; then try again
+                waiter = Waiter(_caller(), self)  # made outside the lock; then try again
                 continue
             if done.deliver(item):
                 return
@@ -192,7 +194,7 @@ class Queue(Generic[T]):
         with self._lock:
             ok, item, putter = self._get_locked()
         if not ok:
-            waiter = Waiter(_caller())
+            waiter = Waiter(_caller(), self)
             with self._lock:
                 ok, item, putter = self._get_locked()
                 if not ok:

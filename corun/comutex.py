@@ -141,6 +141,8 @@ class CoMutex:
         #   cancel or a timeout: remove() and popleft() decide who wins).
         self._taken = threading.Lock()
         self._waiters: deque[Coroutine[Any]] = deque()
+        #: The Coroutine that holds the mutex (or is being handed it), or None.
+        #: Thread: any.
         self.holder: Coroutine[Any] | None = None
         # The mutex the holder acquired before this one and still holds:
         # the coroutine's held mutexes form a chain through here, from
@@ -255,9 +257,9 @@ class CoMutex:
         try:
             while True:
                 if cancellable:
-                    park(co, withdraw)
+                    park(co, withdraw, self)
                 else:
-                    _suspend(co)
+                    _suspend(co, self)
                 if self.holder is co:
                     return True
                 if expired:

@@ -60,6 +60,7 @@ from .coroutine import (
 from .fdhandler import READ, WRITE, Handler, fileno_of, make_poller
 from .notifier import EventNotifier
 from .timer import Timer, TimerList
+from .watchdog import watch_stalls
 
 T = TypeVar("T")
 
@@ -149,6 +150,8 @@ class AioContext:
         # Counters: written by the home thread only, except notify_writes,
         # which is written only while holding _event_armed.
         self._polls = 0
+        self._pass_ended = 0  # _polls when the latest pass ended (see _pass)
+        self._slow: float | None = None  # slow_callback_duration
         self._notify_writes = 0
         self._bh_calls = 0
         self._co_entered = 0
@@ -354,7 +357,7 @@ class AioContext:
                 f"call_sync() from {me!r}, which has no context: {self!r} could never "
                 "wake it; call from a plain thread or a coroutine on a context"
             )
-        waiter = Waiter(me)
+        waiter = Waiter(me, ("call_sync", self, fn))
         outcome: list[Any] = []
 
         def run_there() -> None:
@@ -420,6 +423,42 @@ class AioContext:
         name = getattr(origin, "__qualname__", None) or repr(origin)
         logger.error("unhandled exception in %s (%r)", name, self, exc_info=exc)
 
+    def coroutines(self) -> list[Coroutine[Any]]:
+        """The live coroutines of this context: started and not finished, and
+        those queued to start here. A snapshot. Thread: any.
+        """
+        live = self._live.copy()  # one C call: atomic against the home thread
+        out = [co for co in live if not co.done]
+        for item in self._ready.copy():
+            if isinstance(item, Coroutine) and item not in live and not item.done:
+                out.append(item)
+        return out
+
+    @property
+    def slow_callback_duration(self) -> float | None:
+        """The stall threshold in seconds, or None (off). Thread: any."""
+        return self._slow
+
+    @slow_callback_duration.setter
+    def slow_callback_duration(self, seconds: float | None) -> None:
+        self.set_slow_callback_duration(seconds)
+
+    def set_slow_callback_duration(self, seconds: float | None) -> None:
+        """Log a loop pass that runs longer than `seconds` (None: stop). Thread: any.
+
+        asyncio's debug-mode warning, but told while the stall goes on: a
+        watchdog thread sees the loop stuck in one pass (a coroutine step or
+        callback that blocks it) and logs, once per stall, on the `corun`
+        logger at WARNING, which coroutine runs and the stack of the loop's
+        thread. It costs the loop nothing.
+        """
+        if seconds is not None:
+            seconds = float(seconds)
+            if not seconds > 0:
+                raise ValueError(f"{self!r}: slow_callback_duration must be > 0, got {seconds}")
+        self._slow = seconds
+        watch_stalls(self, seconds)
+
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters since the context was created. Thread: any."""
         return {
@@ -473,12 +512,16 @@ class AioContext:
         do not wait).
         """
         try:
-            return self._pass_once(timeout)
+            progress = self._pass_once(timeout)
         except BaseException:
             # KeyboardInterrupt, SystemExit, or an exception a signal handler
             # raised: the next pass repairs what it may have left half done.
             self._interrupted = True
+            self._pass_ended = self._polls
             raise
+        # Read by the stall watchdog (debug.py): in a pass while they differ.
+        self._pass_ended = self._polls
+        return progress
 
     def _recover(self) -> None:
         """Repair the notify state after a pass was interrupted. Thread: home.
@@ -668,6 +711,11 @@ class AioContext:
             elif item is not None and started is not item:
                 self._ready.appendleft(item)
             raise
+        # A traceback taken in this pass (a callback's exception, kept by a
+        # handler or a log record) keeps this frame alive: let it not keep
+        # the last coroutine too, whose unretrieved exception is reported
+        # only once it is collected.
+        item = co = started = released = None
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> bool:
         ran = False

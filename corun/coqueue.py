@@ -90,7 +90,7 @@ class CoQueue:
                     _suspend(co)  # a waker popped us already: take its wake-up
                 raise
         try:
-            park(co, withdraw)
+            park(co, withdraw, self)
         except Cancelled:
             if not withdrawn:
                 self.next()  # we were popped by a waker: pass its wake-up on

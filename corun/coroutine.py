@@ -33,9 +33,11 @@ import itertools
 import logging
 import os
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable
 from contextvars import copy_context
+from time import monotonic as _monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -127,6 +129,9 @@ class Coroutine(Generic[T]):
         "_cancel",
         "_cancels",
         "_abort",
+        "_waiting",
+        "_since",
+        "_unretrieved",
     )
 
     def __init__(
@@ -176,6 +181,12 @@ class Coroutine(Generic[T]):
         self._cancel: Cancelled | None = None
         self._cancels = 0
         self._abort: Callable[[], bool] | None = None
+        # While parked in a corun wait: what it waits on, and since when
+        # (time.monotonic()), for corun.dump(). None in a bare yield_().
+        self._waiting: object = None
+        self._since = 0.0
+        # Set when it finishes with an exception nobody took yet (_unhandled).
+        self._unretrieved: _Unretrieved | None = None
 
     # -- state -------------------------------------------------------------
 
@@ -349,6 +360,7 @@ class Coroutine(Generic[T]):
             raise RuntimeError(f"{self!r} has not finished")
         exc = self._exc
         if exc is not None:
+            self._retrieved()
             # Re-raise with the traceback it finished with, so that joining
             # often does not grow it.
             raise exc.with_traceback(self._tb)
@@ -358,7 +370,15 @@ class Coroutine(Generic[T]):
         """The exception a finished coroutine raised, or None. Thread: any."""
         if not self.done:
             raise RuntimeError(f"{self!r} has not finished")
+        self._retrieved()
         return self._exc
+
+    def _retrieved(self) -> None:
+        """Its exception was taken: it is not reported (see _Unretrieved)."""
+        pending = self._unretrieved
+        if pending is not None:
+            self._unretrieved = None
+            pending.exc = None
 
     # -- cancellation --------------------------------------------------------
 
@@ -462,7 +482,7 @@ class Coroutine(Generic[T]):
                     f"{me!r} has no context, so {self!r} (running elsewhere) could "
                     "never wake it; join from a coroutine that runs on a context"
                 )
-            waiter = Waiter(me)
+            waiter = Waiter(me, self)
         else:
             ctx = _thread._tls.ctx
             if ctx is not None and (self.ctx is ctx or self._thread == ident):
@@ -694,6 +714,53 @@ def _unwind(ctx: AioContext | None, co: Coroutine[Any], entered: bool, exc: Base
     _requeue(ctx, co, ())
 
 
+class _Unretrieved:
+    """Reports a coroutine's exception if it is collected with nobody having retrieved it.
+
+    asyncio's rule ("Task exception was never retrieved"): an exception that
+    a join(), result() or exception() takes is the taker's, and is not also
+    reported; one that nobody takes goes to the context's exception handler
+    when the coroutine is garbage collected (in CPython, as soon as the last
+    reference to it is dropped), at the loop's next pass, with the
+    coroutine's repr as the origin; once the context is closed, to the log.
+    """
+
+    __slots__ = ("ctx", "exc", "origin")
+
+    def __init__(self, ctx: AioContext | None, exc: BaseException, origin: str) -> None:
+        self.ctx = ctx
+        self.exc: BaseException | None = exc
+        self.origin = origin
+
+    def __del__(self) -> None:
+        exc = self.exc
+        if exc is None:
+            return
+        self.exc = None
+        ctx = self.ctx
+        # Garbage collection runs at any point of any thread (inside
+        # ast.parse, inside logging...) and cannot propagate: hand the report
+        # to the context's loop, where the handler runs as it always does
+        # (and what it raises leaves poll()).
+        if ctx is not None and not ctx._closed:
+            try:
+                ctx.call_soon(ctx._report, exc, self.origin)
+                return
+            except RuntimeError:
+                pass  # closed meanwhile
+        # No loop to hand it to: log it here, but without formatting the
+        # traceback, which would parse source (3.11's carets) in the middle
+        # of whatever the collection interrupted.
+        summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        logger.error("unhandled exception in %s, never retrieved: %s", self.origin, summary)
+
+
+def _unhandled(ctx: AioContext | None, co: Coroutine[Any], exc: BaseException) -> None:
+    """`co` finished with `exc` and nobody takes it yet: report it unless retrieved."""
+    co._exc_owned = True  # reported at most once
+    co._unretrieved = _Unretrieved(ctx, exc, repr(co))
+
+
 def _reconcile(ctx: AioContext | None, co: Coroutine[Any]) -> None:
     """An exception landed right after the switch into `co` returned.
 
@@ -709,8 +776,7 @@ def _reconcile(ctx: AioContext | None, co: Coroutine[Any]) -> None:
         _finished(ctx, co, g)
         exc = co._exc
         if exc is not None and not co._exc_owned and exc.__class__ is not Cancelled:
-            co._exc_owned = True
-            _report(ctx, exc, co)
+            _unhandled(ctx, co, exc)
 
 
 def _absorb(
@@ -731,8 +797,7 @@ def _absorb(
         if exc is not None and not to._exc_owned and exc.__class__ is not Cancelled:
             if explicit:
                 return exc
-            to._exc_owned = True  # reported at most once
-            _report(ctx, exc, to)
+            _unhandled(ctx, to, exc)
     wakeups = to._wakeups
     if wakeups is not None:
         # Interrupted between these two lines, both hold the wake-ups:
@@ -756,8 +821,7 @@ def _settle(ctx: AioContext | None, co: Coroutine[Any], current: greenlet, expli
         if exc is not None and not co._exc_owned and exc.__class__ is not Cancelled:
             if explicit:
                 raise exc
-            co._exc_owned = True  # reported at most once
-            _report(ctx, exc, co)
+            _unhandled(ctx, co, exc)
         return
     pending: deque[Coroutine[Any]] = deque((_END,))
     to: Coroutine[Any] | None = None
@@ -886,7 +950,7 @@ def _shielded() -> bool:
     return False
 
 
-def _suspend(co: Coroutine[Any]) -> None:
+def _suspend(co: Coroutine[Any], what: object = None) -> None:
     """yield_() for corun's own short waits: never raises Cancelled.
 
     Marked as a wait that cannot be withdrawn, so neither a cancel() nor
@@ -894,10 +958,13 @@ def _suspend(co: Coroutine[Any]) -> None:
     cancellable wait. Coroutine only (co's).
     """
     co._abort = _shielded
+    co._waiting = what
+    co._since = _monotonic()
     caller = co._caller
     co._caller = None
     caller.switch()  # type: ignore[union-attr]
     co._abort = None
+    co._waiting = None
 
 
 def checkpoint(co: Coroutine[Any]) -> None:
@@ -906,7 +973,7 @@ def checkpoint(co: Coroutine[Any]) -> None:
         raise co._take_cancel()
 
 
-def park(co: Coroutine[Any], abort: Callable[[], bool] | None) -> None:
+def park(co: Coroutine[Any], abort: Callable[[], bool] | None, what: object = None) -> None:
     """The kernel's one cancellable wait (trio's wait_task_rescheduled).
 
     The caller has published `co` where a waker will find it; `co` then
@@ -917,13 +984,16 @@ def park(co: Coroutine[Any], abort: Callable[[], bool] | None) -> None:
     raised here on resume, and the caller cleans up in its except/finally
     (giving back what a racing wake-up handed it). `abort` None: the wait
     cannot be withdrawn; a pending cancel is raised when it is resumed.
-    Coroutine only (co's).
+    `what` says what it waits on, for corun.dump(). Coroutine only (co's).
     """
     co._abort = abort
+    co._waiting = what
+    co._since = _monotonic()
     caller = co._caller
     co._caller = None
     caller.switch()  # type: ignore[union-attr]
     co._abort = None
+    co._waiting = None
     if co._cancel is not None:
         raise co._take_cancel()
 

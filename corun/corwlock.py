@@ -163,7 +163,7 @@ class CoRwLock:
         self._mutex.release()
         try:
             while True:
-                park(co, withdraw)
+                park(co, withdraw, self)
                 if withdrawn:
                     break
                 if ticket.claim.locked():
@@ -290,7 +290,7 @@ class CoRwLock:
             wake(co_admitted)
         # Suspend first: an admission may count us (take the claim) before
         # we get here, and its wake-up is still to come.
-        _suspend(co)
+        _suspend(co, self)
         while not ticket.claim.locked():
             _report(
                 co.ctx,
@@ -300,7 +300,7 @@ class CoRwLock:
                 ),
                 co,
             )
-            _suspend(co)
+            _suspend(co, self)
 
     def downgrade(self) -> None:
         """Turn this coroutine's write hold into a read hold, letting queued readers in.

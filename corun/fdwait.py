@@ -37,7 +37,7 @@ def _wait_fd(fd: Any, timeout: float | None, index: int, what: str) -> bool:
             f"{what}({fd!r}) in {co!r}: {ctx!r} already has a "
             f"{'reader' if index == 0 else 'writer'} for fd {n}"
         )
-    waiter = Waiter(co)
+    waiter = Waiter(co, (what, n))
     ctx._set_handler(n, index, (waiter.fire, (True,)), what)
     try:
         return waiter.wait(timeout)

@@ -32,6 +32,8 @@ class IOThread:
     """An OS thread running its own AioContext. Thread: any."""
 
     def __init__(self, name: str | None = None) -> None:
+        #: Its name (default "iothread-N"), also the OS thread's and its context's
+        #: name. Thread: any.
         self.name: str = name if name is not None else f"iothread-{next(_names)}"
         self._stopping = False
         self._ready = threading.Event()

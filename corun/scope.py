@@ -38,7 +38,9 @@ class CancelScope:
 
     `raise_timeout`: at the exit, turn the scope's own cancellation into
     TimeoutError (`timeout()`) instead of leaving the block quietly
-    (`move_on_after()`). Thread: see the module.
+    (`move_on_after()`). Made by timeout() and move_on_after(). Thread:
+    entered and left in one coroutine (which needs a context); cancel()
+    from any thread.
     """
 
     __slots__ = (
@@ -65,7 +67,8 @@ class CancelScope:
         # Taken once: by the first of expiry/cancel() (which cancels the
         # coroutine) or by the exit (after which nothing may cancel).
         self._claim = threading.Lock()
-        # True when the block was left because of this scope's cancellation.
+        #: True once the block was left because of this scope's own cancellation
+        #: (its deadline, or cancel()). Thread: any.
         self.cancelled_caught = False
 
     def __repr__(self) -> str:

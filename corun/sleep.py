@@ -70,7 +70,7 @@ def sleep(seconds: float) -> None:
     checkpoint(co)
     if seconds <= 0:
         ctx.schedule(co)
-        park(co, None)  # a schedule cannot be withdrawn: Cancelled on resume
+        park(co, None, "sleep(0)")  # a schedule cannot be withdrawn: Cancelled on resume
         return
     _take_sched(co, "sleep()")
     try:
@@ -85,7 +85,7 @@ def sleep(seconds: float) -> None:
         _drop_sched(co)
         return True
 
-    park(co, abort)
+    park(co, abort, timer)
 
 
 class _Nap:
@@ -139,7 +139,7 @@ class CoSleep:
             return True
 
         try:
-            park(co, abort)
+            park(co, abort, self)
         finally:
             self._nap = None
             timer.cancel()

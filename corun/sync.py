@@ -88,7 +88,7 @@ class Event:
         """
         if self._flag:
             return True
-        waiter = Waiter(_caller())
+        waiter = Waiter(_caller(), self)
         self._waiters.append(waiter)
         # Pairs with set(): we published the waiter, then read the flag.
         try:
@@ -148,7 +148,7 @@ class Semaphore:
             if self._value > 0 and not self._waiters:
                 self._value -= 1
                 return True
-        waiter = Waiter(_caller())
+        waiter = Waiter(_caller(), self)
         with self._lock:
             if self._value > 0 and not self._waiters:
                 self._value -= 1

@@ -68,7 +68,15 @@ class _ChildDone:
 
 
 class TaskGroup:
-    """A block that owns the coroutines spawned into it. Thread: see the module."""
+    """A block that owns the coroutines spawned into it.
+
+    `with TaskGroup() as tg:` in a coroutine or a plain thread; leaving the
+    block waits for every child. The first child that fails cancels the
+    others (across threads) and the owner's block, if the owner is a
+    coroutine; the block then raises an ExceptionGroup of the failures.
+    Thread: the `with` in a coroutine or a plain thread; spawn() from any
+    thread.
+    """
 
     __slots__ = (
         "__weakref__",
@@ -227,7 +235,7 @@ class TaskGroup:
                     self._exited = True
                     self._done = None
                     break
-                waiter = self._done = Waiter(owner)
+                waiter = self._done = Waiter(owner, self)
             try:
                 waiter.wait()
             except Cancelled as caught:

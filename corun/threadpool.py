@@ -46,7 +46,7 @@ def run_in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         raise RuntimeError(f"run_in_thread() needs a context: {co!r} has none")
     checkpoint(co)
     future: Future[T] = ctx._get_thread_pool().submit(fn, *args, **kwargs)
-    waiter = Waiter(co)
+    waiter = Waiter(co, ("run_in_thread", fn))
     # Runs in the worker, or inline here if fn is already done; either way
     # the home thread's loop fires the waiter only after we park in wait().
     # (Once a cancel has withdrawn the waiter, there is nobody to tell.)

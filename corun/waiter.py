@@ -37,10 +37,11 @@ TIMEOUT: Any = object()
 class Waiter:
     """One wake-up for `co` (or, if `co` is None, for the calling thread)."""
 
-    __slots__ = ("_claim", "_latch", "_loop", "co", "value")
+    __slots__ = ("_claim", "_latch", "_loop", "co", "value", "what")
 
-    def __init__(self, co: Coroutine[Any] | None) -> None:
+    def __init__(self, co: Coroutine[Any] | None, what: object = None) -> None:
         self.co = co
+        self.what = what  # what is waited for, for corun.dump()
         self.value: Any = _PENDING
         self._claim = threading.Lock()
         self._latch: threading.Lock | None = None
@@ -145,7 +146,7 @@ class Waiter:
         # wakes us itself; if a fire() won, its wake-up resumes us. Either
         # way park() raises Cancelled.
         try:
-            park(co, self.cancel)
+            park(co, self.cancel, self.what)
         finally:
             if timer is not None:
                 timer.cancel()

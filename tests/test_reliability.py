@@ -281,7 +281,10 @@ def _submit_raiser(
         raise exc_type(f"from a {source}")
 
     if source == "coroutine":
-        return [ctx.spawn(raiser)]
+        # Not kept: nobody retrieves its exception, so it is reported (with
+        # the coroutine's repr as the origin) once the coroutine is collected.
+        ctx.spawn(raiser, name="raising-coroutine")
+        return ["raising-coroutine"]
     if source == "call_soon":
         ctx.call_soon(raiser)
         return [raiser]
@@ -304,6 +307,13 @@ def _submit_raiser(
     return [fd_raiser]
 
 
+def _matches(origin: object, origins: list[object]) -> bool:
+    return any(
+        origin is o or (isinstance(o, str) and isinstance(origin, str) and o in origin)
+        for o in origins
+    )
+
+
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("exc_type", BASE_EXCEPTIONS, ids=lambda e: e.__name__)
 @pytest.mark.parametrize("source", SOURCES)
@@ -322,7 +332,7 @@ def test_base_exception_goes_to_handler_on_iothread(
         assert len(seen) == 1, seen
         exc, origin = seen[0]
         assert type(exc) is exc_type
-        assert any(origin is o for o in origins), (origin, origins)
+        assert _matches(origin, origins), (origin, origins)
 
 
 @pytest.mark.timeout(10)
@@ -346,7 +356,7 @@ def test_base_exception_does_not_escape_poll(source: str, exc_type: type[BaseExc
         assert len(seen) == 1, seen
         exc, origin = seen[0]
         assert type(exc) is exc_type
-        assert any(origin is o for o in origins), (origin, origins)
+        assert _matches(origin, origins), (origin, origins)
         later: list[int] = []
         ctx.call_soon(later.append, 1)
         drain(ctx)
