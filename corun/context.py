@@ -91,6 +91,8 @@ class AioContext:
                 f"thread {threading.current_thread().name!r} already owns {tls.ctx!r}; "
                 "a thread owns at most one open context"
             )
+        #: Its name (default "ctx-N"; an IOThread's context has the IOThread's
+        #: name), shown in its repr and in error messages. Thread: any.
         self.name: str = name if name is not None else f"ctx-{next(_ctx_names)}"
         self._thread = threading.get_ident()
         self._thread_name = threading.current_thread().name
@@ -396,7 +398,10 @@ class AioContext:
         timer.mod(when)
         return timer
 
-    time = staticmethod(_time.monotonic)
+    @staticmethod
+    def time() -> float:
+        """The monotonic clock timers use, in seconds (time.monotonic). Thread: any."""
+        return _time.monotonic()
 
     def set_exception_handler(self, handler: ExceptionHandler | None) -> None:
         """Call handler(ctx, exc, origin) for exceptions escaping work run by the loop.

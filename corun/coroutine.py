@@ -143,8 +143,13 @@ class Coroutine(Generic[T]):
         # suspended coroutine should cost little more than its greenlet.
         self._name = name
         self._number = next(_names) if name is None else 0
-        # Home context: set by schedule() before the first enter, and by every enter.
+        #: The home AioContext, where wake() restarts it: the context it was
+        #: scheduled on (schedule() and spawn() set it before the first enter)
+        #: or last ran in. None for a coroutine never scheduled nor entered, or
+        #: entered from a thread that has no context. Thread: any.
         self.ctx: AioContext | None = None
+        #: True once fn has returned or raised, or the coroutine was cancelled
+        #: before it started. Thread: any.
         self.done: bool = False
         self._fn = fn
         # Handed to fn at the first enter, then dropped.

@@ -56,11 +56,19 @@ Cases:
   of each greenlet) and by tracemalloc (in the notes). These numbers do
   not vary between runs, so this case is measured once whatever --repeat.
 
-The end of the output checks the performance targets of the project.
+The end of the output checks the performance targets of the project;
+with `--quick` (tiny counts, a smoke test for CI) each verdict is marked
+indicative. `--json` prints JSON Lines instead (one object per
+implementation, then one per target; `--help` explains every key).
+`--plot FILE.png` draws the ratios, throughput (higher is better) and
+memory (lower is better) on separate axes, and says where it wrote them;
+the path (and matplotlib, from the `bench` extra) is checked before
+anything runs.
 
-Exit status 1 if a run failed (raised, or did not finish within a minute).
+Exit status: 0 when every run finished, 1 if a run failed (raised, or did
+not finish within a minute), 2 for a bad command line.
 
-Usage: python tools/bench.py [--cases switch,pingpong,...] [--repeat N]
+Usage: tools/bench.py [--cases switch,pingpong,...] [--repeat N]
 [--scale F | --quick] [--json] [--plot FILE.png]
 """
 
@@ -72,10 +80,12 @@ import gc
 import importlib.util
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import deque
@@ -94,6 +104,11 @@ logger = logging.getLogger("corun.tools.bench")
 # No single measured run may take longer than this; past it the run counts
 # as failed (a lost wake-up must not hang the benchmark).
 RUN_TIMEOUT = 60.0
+
+# --quick: this share of every iteration count. Numbers that small say whether
+# each run works, not how fast: the verdicts are marked with INDICATIVE.
+QUICK_SCALE = 0.02
+INDICATIVE = "indicative only: --quick runs tiny counts, not a measurement"
 
 perf_counter = time.perf_counter
 
@@ -1470,13 +1485,18 @@ def check_targets(rows: Sequence[Row]) -> list[tuple[Target, float | None, bool 
     return out
 
 
-def targets_text(results: Sequence[tuple[Target, float | None, bool | None]]) -> str:
-    lines = ["targets:"]
+def targets_text(
+    results: Sequence[tuple[Target, float | None, bool | None]], indicative: bool = False
+) -> str:
+    """The verdicts; `indicative` (--quick) marks each as not one to judge by."""
+    lines = [f"targets ({INDICATIVE}):" if indicative else "targets:"]
     for target, value, met in results:
         if met is None:
             lines.append(f"  {target.describe():<42} {'n/a':>8}")
             continue
         verdict = "met" if met else "MISSED"
+        if indicative:
+            verdict += " (indicative)"
         lines.append(f"  {target.describe():<42} {value:8.2f}  {verdict}")
     return "\n".join(lines)
 
@@ -1497,10 +1517,40 @@ def row_json(row: Row) -> dict[str, Any]:
     }
 
 
-def plot(rows: Sequence[Row], path: str) -> str | None:
-    """Bar chart of the ratios corun/peer; returns why it could not, or None."""
+def check_plot_path(path: str) -> str | None:
+    """Why the plot could not be written to `path`, or None; checked before anything runs."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        return f"--plot {path}: is a directory"
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        return f"--plot {path}: no such directory: {folder}"
+    existed = os.path.exists(target)
+    try:
+        with open(target, "ab"):
+            pass
+    except OSError as exc:
+        return f"--plot {path}: cannot write there: {exc.strerror or exc}"
+    if not existed:
+        os.unlink(target)
     if importlib.util.find_spec("matplotlib") is None:
-        return "matplotlib is not installed: no plot"
+        return "--plot needs matplotlib, which is not installed (pip install -e '.[bench]')"
+    from matplotlib.figure import Figure
+
+    formats = sorted(Figure().canvas.get_supported_filetypes())
+    suffix = os.path.splitext(target)[1].lower()
+    if suffix.lstrip(".") not in formats:
+        what = f"{suffix!r} is not a picture format" if suffix else "no extension names the format"
+        return f"--plot {path}: {what} (matplotlib writes: .{', .'.join(formats)})"
+    return None
+
+
+def plot_figure(rows: Sequence[Row], indicative: bool = False) -> Any:
+    """The bar charts of the ratios corun/peer (a matplotlib Figure), or None if none.
+
+    Throughput (ops/s: higher is better for corun) and memory (bytes per
+    object: lower is better) go on axes of their own, never on one scale.
+    """
     import matplotlib
     import matplotlib.ticker
 
@@ -1509,42 +1559,169 @@ def plot(rows: Sequence[Row], path: str) -> str | None:
 
     verdicts = {(t.case, t.peer): met for t, _, met in check_targets(rows) if t.extra is None}
     colors = {True: "tab:green", False: "tab:red", None: "tab:blue"}
-    bars = [
-        (
-            f"{r.case.name}\nvs {r.impl.key}",
-            r.ratio,
-            colors[verdicts.get((r.case.name, r.impl.key))],
+    panels: dict[str, list[tuple[str, float, str]]] = {"ops/s": [], "B/object": []}
+    for r in rows:
+        if r.ratio is None or r.impl.key.startswith("corun"):
+            continue
+        colour = colors[verdicts.get((r.case.name, r.impl.key))]
+        panels.setdefault(r.case.unit, []).append(
+            (f"{r.case.name}\nvs {r.impl.key}", r.ratio, colour)
         )
-        for r in rows
-        if r.ratio is not None and not r.impl.key.startswith("corun")
-    ]
-    if not bars:
-        return "no ratios to plot"
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(bars)), 4.5))
-    ax.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars])
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(bars)))
-    ax.set_xticklabels([b[0] for b in bars], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("corun / peer (ops/s; memory: bytes)")
-    ax.set_yscale("log")
+    titles = {
+        "ops/s": "throughput: corun/peer ops/s\n(higher is better for corun)",
+        "B/object": "memory: corun/peer bytes per object\n(lower is better for corun)",
+    }
+    drawn = [(unit, bars) for unit, bars in panels.items() if bars]
+    if not drawn:
+        return None
+    widths = [len(bars) for _, bars in drawn]
+    fig, axes = plt.subplots(
+        1,
+        len(drawn),
+        figsize=(max(6.0, 0.6 * sum(widths) + 1.5 * len(drawn)), 5.0),
+        gridspec_kw={"width_ratios": widths},
+        squeeze=False,
+    )
     plain = matplotlib.ticker.FormatStrFormatter("%g")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.set_title("corun next to its peers (green: target met, red: missed)")
+    for ax, (unit, bars) in zip(axes[0], drawn, strict=True):
+        ax.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(bars)))
+        ax.set_xticklabels([b[0] for b in bars], rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.set_title(titles.get(unit, f"corun/peer {unit}"), fontsize=9)
+    axes[0][0].set_ylabel("corun / peer")
+    title = "corun next to its peers (green: target met, red: missed, blue: no target)"
+    if indicative:
+        title += f"\n{INDICATIVE}"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(rows: Sequence[Row], path: str, indicative: bool = False) -> str | None:
+    """Write the bar charts to `path`; returns why it could not, or None."""
+    fig = plot_figure(rows, indicative)
+    if fig is None:
+        return "no ratios to plot"
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        return f"could not write {path}: {exc}"
+    finally:
+        plt.close(fig)
     return None
+
+
+JSON_ROW_KEYS: list[tuple[str, str]] = [
+    ("case", "the case (switch, pingpong, mutex/contended-5, queue/bounded, memory, ...)"),
+    (
+        "impl",
+        "the implementation's key: corun (the case's reference), corun-spawn, "
+        "corun-callbacks, greenlet, asyncio, uvloop, gevent, aiologic, threading, threads",
+    ),
+    ("label", "the table's implementation column"),
+    ("unit", "ops/s (higher is better), or B/object for memory (lower is better)"),
+    ("median", "the median of runs; null if it did not run"),
+    ("runs", "the value of each measured run (--repeat of them; memory: one)"),
+    (
+        "ratio",
+        "corun's median / this median (the table's corun/this): above 1 corun does "
+        "more ops/s; for memory, below 1 corun uses less; null if not measured",
+    ),
+    ("reference", "true for the case's corun row, the one the ratios divide"),
+    (
+        "extra",
+        "medians of extra numbers: fd_writes_per_1k (wake-up eventfd writes per "
+        "1,000 items), fd_writes_per_op (per round trip), tracemalloc_bytes (memory)",
+    ),
+    ("skipped", "null, or why it did not run (a peer not installed)"),
+    ("error", "null, or what a failed run raised (exit status 1)"),
+]
+JSON_TARGET_KEYS: list[tuple[str, str]] = [
+    ("target", 'the target, as "case: corun/peer >= bound" (or an extra number of corun)'),
+    ("value", "the measured ratio (or extra number); null if not measured"),
+    ("met", "whether value meets the bound; null if not measured"),
+    ("indicative", "true with --quick: tiny counts, a smoke test, not a verdict to judge by"),
+]
+
+
+def _keys_text(keys: Sequence[tuple[str, str]]) -> list[str]:
+    lines: list[str] = []
+    for key, doc in keys:
+        lines += textwrap.wrap(
+            doc, width=79, initial_indent=f"  {key:<11} ", subsequent_indent=" " * 14
+        )
+    return lines
+
+
+def _epilog() -> str:
+    wrap = textwrap.fill
+    return "\n".join(
+        [
+            wrap(
+                f"Cases: {', '.join(GROUPS)}. Peers not installed are skipped with a note.",
+                width=79,
+            ),
+            "",
+            wrap(
+                "--json prints JSON Lines: one JSON object per line, first one per "
+                "implementation of each case (as it finishes), then one per target. "
+                "An implementation's keys:",
+                width=79,
+            ),
+            *_keys_text(JSON_ROW_KEYS),
+            "A target's keys:",
+            *_keys_text(JSON_TARGET_KEYS),
+            "",
+            wrap(
+                "--quick runs 1/50 of the counts, for a smoke test (CI): its verdicts are "
+                "marked indicative. Exit status: 0 every run finished, 1 a run failed "
+                "(named on stderr), 2 a bad command line (a missed target is not a "
+                "failure).",
+                width=79,
+            ),
+        ]
+    )
+
+
+NumT = TypeVar("NumT", int, float)
+
+
+def _ranged(
+    kind: Callable[[str], NumT], allowed: str, ok: Callable[[NumT], bool]
+) -> Callable[[str], NumT]:
+    """An argparse type: `kind(text)` if `ok`; otherwise a message with the allowed range."""
+
+    def parse(text: str) -> NumT:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {what} (allowed: {allowed})"
+            ) from None
+        if not ok(value) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range (allowed: {allowed})")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench.py",
-        description=(
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
             "Benchmark corun next to greenlet, asyncio, uvloop, gevent, aiologic and plain "
-            "threads, in one process, and report ops/s and the ratio corun/peer."
+            "threads, in one process, and report ops/s and the ratio corun/peer.",
+            width=79,
         ),
-        epilog="Cases: " + ", ".join(GROUPS) + ". Peers not installed are skipped with a note.",
+        epilog=_epilog(),
     )
     parser.add_argument(
         "--cases",
@@ -1555,22 +1732,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--repeat",
-        type=int,
+        type=_ranged(int, "N >= 1", lambda v: v >= 1),
         default=3,
+        metavar="N",
         help="measured runs per implementation; the median is reported (default: 3)",
     )
-    parser.add_argument(
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
         "--scale",
-        type=float,
+        type=_ranged(float, "F > 0", lambda v: v > 0),
         default=1.0,
+        metavar="F",
         help="multiply every iteration count by this (default: 1)",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny iteration counts (--scale 0.02), for CI"
+    size.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny iteration counts (--scale {QUICK_SCALE:g}), for CI: the verdicts are "
+        "marked indicative",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object per line")
     parser.add_argument(
-        "--plot", metavar="FILE.png", help="bar chart of the ratios (needs matplotlib)"
+        "--json", action="store_true", help="JSON Lines: one JSON object per line (keys below)"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="bar charts of the ratios, throughput and memory on separate axes (needs "
+        "matplotlib: pip install -e '.[bench]'); the path is checked before anything runs",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log each run")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
@@ -1580,7 +1768,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a refused command line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -1591,15 +1782,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Tearing down 100,000 suspended objects would take longer than making
         # them; this process exists only to be measured.
         os._exit(0)
-    if args.repeat < 1 or args.scale <= 0:
-        parser.error("--repeat must be >= 1 and --scale > 0")
-    scale = 0.02 if args.quick else args.scale
+    scale = QUICK_SCALE if args.quick else args.scale
+    indicative = bool(args.quick)
     selected: list[str] = []
     for item in args.cases or GROUPS:
         selected += [c for c in item.split(",") if c]
     unknown = sorted(set(selected) - set(GROUPS))
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+        print(
+            f"bench.py: error: unknown case(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(GROUPS)}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.plot:
+        why = check_plot_path(args.plot)
+        if why is not None:
+            print(f"bench.py: error: {why}", file=sys.stderr)
+            return 2
 
     all_rows: list[Row] = []
     for case in build_cases():
@@ -1615,18 +1815,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = check_targets(all_rows)
     if args.json:
         for target, value, met in results:
-            print(json.dumps({"target": target.describe(), "value": value, "met": met}))
+            verdict = {
+                "target": target.describe(),
+                "value": value,
+                "met": met,
+                "indicative": indicative,
+            }
+            print(json.dumps(verdict))
     else:
         print(table(all_rows))
         print()
-        print(targets_text(results))
+        print(targets_text(results, indicative))
         notes = sorted({r.skipped for r in all_rows if r.skipped})
         for note in notes:
             print(f"note: skipped: {note}")
     if args.plot:
-        why = plot(all_rows, args.plot)
-        if why is not None:
-            print(f"note: {why}", file=sys.stderr)
+        why = plot(all_rows, args.plot, indicative)
+        if why is None:
+            print(f"plot written to {os.path.abspath(args.plot)}", file=sys.stderr)
+        else:
+            print(f"note: no plot: {why}", file=sys.stderr)
     failed = [r for r in all_rows if r.error is not None]
     for r in failed:
         print(f"FAILED {r.case.name} / {r.impl.label}: {r.error}", file=sys.stderr)
