@@ -136,6 +136,9 @@ class AioContext:
             self._notifier.close()
             raise
         self._fds: dict[int, list[Handler | None]] = {}
+        # fds watched for good, edge-triggered, by corun sockets (net.py):
+        # fd -> the watcher, whose readable()/writable() are its handlers.
+        self._edge_fds: dict[int, Any] = {}
         # Main thread only: the signal module's wake-up fd (see _watch_signals).
         self._signal_socks: tuple[socket.socket, socket.socket] | None = None
         self._signal_fd = -1
@@ -761,6 +764,11 @@ class AioContext:
         n = fileno_of(fd)
         if n == self._notify_fd:
             raise ValueError(f"{self!r}: fd {n} is the context's own notifier")
+        if n in self._edge_fds:
+            raise RuntimeError(
+                f"{self!r}.{what}({fd!r}): fd {n} belongs to {self._edge_fds[n]!r}; "
+                "use that socket's methods, or close it first"
+            )
         handlers = self._fds.get(n)
         if handlers is None:
             if handler is None:
@@ -780,6 +788,53 @@ class AioContext:
         else:
             del self._fds[n]
         return had
+
+    def _watch_edge(self, fd: int, watcher: Any) -> bool:
+        """Watch `fd` for good, edge-triggered; False if the poller cannot. Thread: home.
+
+        `watcher.readable()`/`.writable()` run on every change of readiness.
+        A stale registration of the same fd number (closed underneath us) is
+        closed first (its waiters get EBADF), so a reused fd is never taken
+        for the old one.
+        """
+        if fd in self._edge_fds or fd in self._fds:
+            self.notify_closing(fd)
+        if not self._poller.watch_edge(fd):
+            return False
+        self._edge_fds[fd] = watcher
+        self._fds[fd] = [(watcher.readable, ()), (watcher.writable, ())]
+        return True
+
+    def _unwatch_edge(self, fd: int, watcher: Any) -> None:
+        """Stop watching `fd` (before it is closed). Thread: home."""
+        if self._edge_fds.get(fd) is watcher:
+            del self._edge_fds[fd]
+            self._fds.pop(fd, None)
+            if not self._closed or self._draining:
+                self._poller.set(fd, 0)
+
+    def notify_closing(self, fd: Any) -> None:
+        """`fd` is about to be closed: wake whoever waits on it here, forget it.
+
+        Every coroutine waiting on it on this context (a corun socket's
+        recv/send/accept/connect, wait_readable/wait_writable) is woken with
+        OSError(EBADF), and every registration of it is removed, so a new
+        fd with the same number is never taken for this one. trio's
+        notify_closing. Thread: home.
+        """
+        self._check_home("notify_closing")
+        n = fileno_of(fd)
+        watcher = self._edge_fds.pop(n, None)
+        handlers = self._fds.pop(n, None)
+        if watcher is not None:
+            watcher.closing()
+        elif handlers is not None:
+            for h in handlers:
+                closing = getattr(h[0], "__self__", None) if h is not None else None
+                if closing is not None and hasattr(closing, "closing"):
+                    closing.closing()
+        if (watcher is not None or handlers is not None) and not self._released:
+            self._poller.set(n, 0)
 
     def add_reader(self, fd: Any, cb: Callable[..., Any], /, *args: Any) -> None:
         """Call cb(*args) whenever fd is readable; replaces an earlier reader. Thread: home."""

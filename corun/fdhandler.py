@@ -57,13 +57,16 @@ def clamp_wait(timeout: float | None) -> float | None:
 
 class Poller(Protocol):
     def set(self, fd: int, events: int) -> None: ...
+    def watch_edge(self, fd: int) -> bool: ...
     def watch_notifier(self, fd: int) -> bool: ...
     def poll(self, timeout: float | None) -> list[tuple[int, int]]: ...
     def close(self) -> None: ...
 
 
 if hasattr(select, "epoll"):
-    _EPOLL_READ = select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
+    _EPOLL_READ = (
+        select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+    )
     _EPOLL_WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
     class EpollPoller:
@@ -93,6 +96,20 @@ if hasattr(select, "epoll"):
             elif old != mask:
                 self._ep.modify(fd, mask)
                 self._registered[fd] = mask
+
+        def watch_edge(self, fd: int) -> bool:
+            """Watch `fd` for good, edge-triggered, both ways; True: supported.
+
+            For corun sockets (net.py): registered once for the socket's
+            life, reported only when its readiness changes (new data, room
+            to write, hang-up), so a wait costs no epoll_ctl and an idle
+            socket no wake-up. Undone with set(fd, 0).
+            """
+            self._ep.register(
+                fd, select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+            )
+            self._registered[fd] = -1  # not a level-triggered mask: set() never modifies it
+            return True
 
         def watch_notifier(self, fd: int) -> bool:
             """Watch an eventfd edge-triggered; True: it never needs reading.
@@ -141,6 +158,10 @@ class SelectorPoller:
             self._sel.unregister(fd)
         elif key.events != events:
             self._sel.modify(fd, events)
+
+    def watch_edge(self, fd: int) -> bool:
+        """No edge-triggered mode here: corun sockets register per wait instead."""
+        return False
 
     def watch_notifier(self, fd: int) -> bool:
         """Watch the notifier level-triggered; False: the loop must clear it."""

@@ -15,12 +15,13 @@ direction on that context meanwhile.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from greenlet import getcurrent
 
 from .fdhandler import fileno_of
-from .waiter import Waiter
+from .waiter import FD_CLOSED, Waiter
 
 
 def _wait_fd(fd: Any, timeout: float | None, index: int, what: str) -> bool:
@@ -40,7 +41,10 @@ def _wait_fd(fd: Any, timeout: float | None, index: int, what: str) -> bool:
     waiter = Waiter(co, (what, n))
     ctx._set_handler(n, index, (waiter.fire, (True,)), what)
     try:
-        return waiter.wait(timeout)
+        ok = waiter.wait(timeout)
+        if waiter.value is FD_CLOSED:
+            raise OSError(errno.EBADF, f"{what}(): fd {n} was closed while {co!r} waited on it")
+        return ok
     finally:
         if not ctx._closed:
             ctx._set_handler(n, index, None, what)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 _PENDING: Any = object()
 TIMEOUT: Any = object()
+FD_CLOSED: Any = object()  # delivered by closing(): the awaited fd is being closed
 
 
 class Waiter:
@@ -101,6 +102,10 @@ class Waiter:
             loop = self._loop
             if loop is not None:
                 loop.notify()  # its thread runs its loop while it waits: see wait()
+
+    def closing(self) -> None:
+        """The fd this waiter waits on is being closed (AioContext.notify_closing)."""
+        self.fire(FD_CLOSED)
 
     def claimed(self) -> bool:
         """Whether a fire() or cancel() has already acted. Thread: any."""
