@@ -8,8 +8,9 @@ from .coqueue import CoQueue
 from .coroutine import Cancelled, Coroutine, current_coroutine, in_coroutine, yield_
 from .corwlock import CoRwLock
 from .debug import dump, dump_on_signal
-from .fdwait import wait_readable, wait_writable
+from .fdwait import notify_closing, wait_readable, wait_writable
 from .iothread import IOThread
+from .net import Server, Socket, Stream, open_connection, serve
 from .notifier import EventNotifier
 from .run import run
 from .scope import CancelScope, move_on_after, timeout
@@ -41,6 +42,9 @@ __all__ = [
     "QueueFull",
     "QueueShutDown",
     "Semaphore",
+    "Server",
+    "Socket",
+    "Stream",
     "TaskGroup",
     "Timer",
     "current_context",
@@ -49,8 +53,11 @@ __all__ = [
     "dump_on_signal",
     "in_coroutine",
     "move_on_after",
+    "notify_closing",
+    "open_connection",
     "run",
     "run_in_thread",
+    "serve",
     "sleep",
     "timeout",
     "wait_readable",

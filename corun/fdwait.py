@@ -20,6 +20,7 @@ from typing import Any
 
 from greenlet import getcurrent
 
+from . import _thread
 from .fdhandler import fileno_of
 from .waiter import FD_CLOSED, Waiter
 
@@ -64,3 +65,15 @@ def wait_writable(fd: Any, timeout: float | None = None) -> bool:
     Coroutine only.
     """
     return _wait_fd(fd, timeout, 1, "wait_writable")
+
+
+def notify_closing(fd: Any) -> None:
+    """`fd` is about to be closed: wake the coroutines of this thread's context that
+    wait on it (OSError EBADF) and forget its registrations (trio's notify_closing).
+
+    See AioContext.notify_closing. Thread: home (of the calling thread's context).
+    """
+    ctx = _thread._tls.ctx
+    if ctx is None:
+        raise RuntimeError("notify_closing() called from a thread that owns no open context")
+    ctx.notify_closing(fd)
