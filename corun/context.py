@@ -86,6 +86,7 @@ class AioContext:
 
     def __init__(self, name: str | None = None) -> None:
         tls = _thread._tls
+        _finish_interrupted_close(tls.ctx)
         if tls.ctx is not None:
             raise RuntimeError(
                 f"thread {threading.current_thread().name!r} already owns {tls.ctx!r}; "
@@ -201,8 +202,12 @@ class AioContext:
         the loop, however many producers race here.
         """
         self._notified = True
-        if self._notify_me and self._event_armed.acquire(False):
-            self._write_event()
+        try:
+            if self._notify_me and self._event_armed.acquire(False):
+                self._write_event()
+        except BaseException:
+            self._kick()
+            raise
 
     def _submit(self, queue: deque[Any], item: Any) -> None:
         """The one door in from any thread: append `item`, then notify.
@@ -214,23 +219,37 @@ class AioContext:
         """
         queue.append(item)
         self._notified = True
-        if self._notify_me and self._event_armed.acquire(False):
-            self._write_event()
+        try:
+            if self._notify_me and self._event_armed.acquire(False):
+                self._write_event()
+        except BaseException:
+            self._kick()
+            raise
         if self._closed:
             self._late(queue, item)
 
     def _write_event(self) -> None:
         """Write the eventfd; called only by the one holder of _event_armed."""
+        with self._write_lock:
+            if not self._closed:
+                self._notifier.set()
+                self._notify_writes += 1
+
+    def _kick(self) -> None:
+        """A producer was interrupted around taking _event_armed (cold path).
+
+        It may hold the arm with nothing written: then no later producer
+        would write, and the loop could sleep through its work. So write
+        anyway: at worst one spurious wake-up, which the loop tolerates (it
+        releases the arm only if it is held). If even that write fails,
+        disarm, so that the next producer tries again.
+        """
         try:
             with self._write_lock:
                 if not self._closed:
                     self._notifier.set()
-                    self._notify_writes += 1
         except BaseException:
-            # Not written (KeyboardInterrupt, EBADF...): disarm, or the loop
-            # would never be woken by the eventfd again.
-            self._event_armed.release()
-            raise
+            _release_quietly(self._event_armed)
 
     def _late(self, queue: deque[Any], item: Any) -> None:
         """A producer appended `item`, then saw the context closed.
@@ -303,11 +322,34 @@ class AioContext:
             # coroutines from other threads (a hand-off to one that is
             # cleaning up after its cancel): there are only so many of them.
             raise self._refusal(repr(co))
-        if not co._sched.acquire(False):
-            raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
-        co._sched_where = self
-        co.ctx = self
-        self._submit(self._ready, co)
+        try:
+            if not co._sched.acquire(False):
+                raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
+            co._sched_where = self
+            co.ctx = self
+            self._submit(self._ready, co)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                self._unschedule_interrupted(co)
+            raise
+
+    def _unschedule_interrupted(self, co: Coroutine[Any]) -> None:
+        """An interrupt hit schedule(co) between taking its flag and queueing it.
+
+        The flag must not stay taken with the coroutine in no queue (it
+        would never run, and every later wake would be refused). Taken and
+        not yet marked (`_sched_where` None), or marked for us but not in
+        the queue: give it back. Exact when the producer is the home thread
+        (signals reach only the main thread: a main-thread context's own
+        wakes); from another thread a pop by the loop could overlap, which
+        the loop's release tolerates. Cold path.
+        """
+        where = co._sched_where
+        if not co._sched.locked():
+            return
+        if where is None or (where is self and co not in self._ready.copy()):
+            co._sched_where = None
+            _release_quietly(co._sched)
 
     def enter(self, co: Coroutine[Any]) -> None:
         """Enter `co` here (aio_co_enter). Thread: any.
@@ -701,7 +743,11 @@ class AioContext:
                 co._caller = current
                 # Pairs with schedule(): from here on a producer may schedule
                 # co again, even before it yields (it is entered after that).
-                (released := co)._sched.release()
+                # (Released already only by an interrupted schedule(): see
+                # _unschedule_interrupted.)
+                try: (released := co)._sched.release()  # noqa: E701
+                except RuntimeError:
+                    pass
                 result = (started := co)._greenlet.switch()
                 if result is _FINISHED:
                     _finished(self, co, g)
@@ -880,10 +926,10 @@ class AioContext:
             )
         # Pairs with _submit(): a producer that appended before it could see
         # _closed is either drained here or takes its item back in _late().
-        self._close_done = threading.Event()
-        self._closed = True
-        self._draining = True
+        done = self._close_done = threading.Event()
         try:
+            self._closed = True
+            self._draining = True
             self._drain()
             self._cancel_suspended(grace)
             with self._close_lock:
@@ -891,10 +937,12 @@ class AioContext:
                 self._draining = False
                 self._release_resources()
         finally:
-            if self._draining:  # interrupted: no more work runs here
+            if not self._released:  # interrupted: no more work runs here
+                self._closed = True
                 self._draining = False
+                self._abandon_queued()
                 self._release_resources()
-            self._close_done.set()
+            done.set()
         suspended = [co for co in self._live if not co.done]
         self._live.clear()
         if suspended:
@@ -1012,10 +1060,45 @@ class AioContext:
         for sock in socks:
             sock.close()
 
+    def _abandon_queued(self) -> None:
+        """close() was interrupted: what is still queued will never run here.
+
+        Coroutines queued to start or resume finish as cancelled, so that
+        their joiners are told rather than left waiting. Cold path.
+        """
+        from .coroutine import Cancelled
+
+        dropped: list[object] = []
+        while True:
+            try:
+                item = self._ready.popleft()
+            except IndexError:
+                break
+            if isinstance(item, Coroutine):
+                if not item.done:
+                    item._sched_where = None
+                    _release_quietly(item._sched)
+                    item._exc_owned = True
+                    item._finish(None, Cancelled(f"{self!r} was closed before it could run"))
+            else:
+                dropped.append(item[0])
+        for queue in (self._bh_q, self._idle_q):
+            dropped.extend(bh for bh in queue if bh._mode)
+            queue.clear()
+        if dropped:
+            # No producer is left to hand them back to: at least say so.
+            logger.error(
+                "%r: close() was interrupted; %d accepted callback(s) never ran: %s",
+                self,
+                len(dropped),
+                ", ".join(getattr(cb, "__qualname__", None) or repr(cb) for cb in dropped),
+            )
+
     def _release_resources(self) -> None:
+        """Give everything back. Each step may be repeated: an interrupted
+        release is finished by close()'s finally."""
         if self._released:
             return
-        self._released = True
         self._unwatch_signals()
         _thread._contexts.discard(self)
         pool = self._thread_pool
@@ -1027,21 +1110,25 @@ class AioContext:
             _thread._tls.ctx = None
         self._co_pool.clear()
         self._fds.clear()
+        self._edge_fds.clear()
         self._poller.close()
         with self._write_lock:
             self._notifier.close()
+        self._released = True
 
     def __del__(self) -> None:
         # Never closed, and its thread is gone: at least give the fds back,
         # and say so, as an unclosed socket does. No work runs here.
         if getattr(self, "_released", True):
             return
-        if not self._inherited:
+        if not self._inherited and hasattr(self, "_poller"):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
         self._closed = True
         self._released = True
-        self._poller.close()
-        self._notifier.close()
+        for part in ("_poller", "_notifier"):
+            closer = getattr(getattr(self, part, None), "close", None)
+            if closer is not None:
+                closer()
 
     def _after_fork_in_child(self) -> None:
         """This process is a fork child: the context belongs to the parent.
@@ -1077,6 +1164,14 @@ class AioContext:
 _PASS_CODE = AioContext._pass.__code__
 
 
+def _finish_interrupted_close(ctx: AioContext | None) -> None:
+    """A thread's context whose close() was interrupted: finish releasing it."""
+    if ctx is not None and ctx._closed and not ctx._draining:
+        ctx._release_resources()
+        if _thread._tls.ctx is ctx:
+            _thread._tls.ctx = None
+
+
 def _release_quietly(lock: threading.Lock) -> None:
     """Release `lock` if it is held. Only the home thread releases the ones used here."""
     try:
@@ -1093,14 +1188,27 @@ def _defer(me: Coroutine[Any], co: Coroutine[Any]) -> None:
     if me is co:
         raise RuntimeError(f"{co!r} cannot wake itself")
     co._check_enterable("wake", me._thread)
-    if not co._sched.acquire(False):
-        raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
-    co._sched_where = me  # rendered by Coroutine._where() only on error
-    wakeups = me._wakeups
-    if wakeups is None:
-        me._wakeups = [co]
-    else:
-        wakeups.append(co)
+    try:
+        if not co._sched.acquire(False):
+            raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
+        co._sched_where = me  # rendered by Coroutine._where() only on error
+        wakeups = me._wakeups
+        if wakeups is None:
+            me._wakeups = [co]
+        else:
+            wakeups.append(co)
+    except BaseException as exc:
+        # Interrupted between taking the flag and queueing (same thread as
+        # every other user of me._wakeups: this check is exact).
+        if (
+            not isinstance(exc, Exception)
+            and co._sched.locked()
+            and co._sched_where in (None, me)
+            and co not in (me._wakeups or ())
+        ):
+            co._sched_where = None
+            _release_quietly(co._sched)
+        raise
 
 
 def wake(co: Coroutine[Any]) -> None:
@@ -1133,4 +1241,7 @@ def wake(co: Coroutine[Any]) -> None:
 
 def current_context() -> AioContext | None:
     """The open context owned by the calling thread, or None. Thread: any."""
-    return _thread._tls.ctx
+    ctx = _thread._tls.ctx
+    if ctx is not None and ctx._closed and not ctx._draining:
+        return None  # a close() that was interrupted left it behind
+    return ctx

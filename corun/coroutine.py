@@ -845,15 +845,19 @@ def _settle(ctx: AioContext | None, co: Coroutine[Any], current: greenlet, expli
                 _report(ctx, exc, to)
                 continue
             to._caller = current
-            (released := to)._sched.release()
+            try: (released := to)._sched.release()  # noqa: E701
+            except RuntimeError:
+                pass  # released by an interrupted schedule() (_unschedule_interrupted)
             result = (started := to)._greenlet.switch()  # type: ignore[union-attr]
             if result is _FINISHED:
                 _finished(ctx, to, g)
             _absorb(ctx, to, pending, False)
     except BaseException as exc:
+        # Salvage first: it takes what `to` woke (once, however the interrupt
+        # split _absorb), so _unwind's requeue finds nothing more to queue.
+        _salvage(ctx, co, to, started, released, pending)
         if to is not None and started is to:
             _unwind(ctx, to, True, exc)
-        _salvage(ctx, co, to, started, released, pending)
         raise
     if failure is not None:
         raise failure

@@ -9,11 +9,11 @@ of its coroutines has to wait, its fd is registered with that coroutine's
 context, edge-triggered for reading and writing, for the socket's whole
 life (`_Watch`): a wait costs no epoll_ctl, and a socket nobody waits on
 costs no wake-up. The watch also remembers whether the last read or write
-came back short (the kernel buffer was drained or full): then the next
-call waits for the next edge first instead of taking an EAGAIN exception,
-so a request/response exchange costs the read and the write syscalls and
-nothing else. Each wait is a kernel park with an abort, so every socket
-operation is a cancellation point; `timeout=` wraps it in a scope.
+came back short or with EAGAIN: then the next call waits for the next
+edge first instead of taking another EAGAIN exception. (A short read does
+not count: the peer's FIN can come on the same edge as its last data.)
+Each wait is a kernel park with an abort, so every socket operation is a
+cancellation point; `timeout=` wraps it in a scope.
 
 Closing is safe: `close()` (or `ctx.notify_closing(fd)`, for an fd closed
 by other means) wakes every coroutine waiting on the socket with
@@ -223,9 +223,9 @@ class Socket:
                 if self._closed:
                     raise _closed_error("recv()") from None
                 raise
-            watch = self._watch
-            if watch is not None and 0 < len(data) < bufsize:
-                watch.rd_ready = False  # drained: the next read waits for an edge
+            # A short read does not mean drained for good: the peer's FIN may
+            # have come with this data, on the same edge. Only EAGAIN (in
+            # _wait) makes the next read wait for an edge.
             return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -235,7 +235,6 @@ class Socket:
         watch = self._watch
         if watch is not None and not watch.rd_ready:
             self._wait(_READ, "recv_into")
-        want = nbytes or len(buffer)
         while True:
             try:
                 n = self._sock.recv_into(buffer, nbytes, flags)
@@ -246,9 +245,6 @@ class Socket:
                 if self._closed:
                     raise _closed_error("recv_into()") from None
                 raise
-            watch = self._watch
-            if watch is not None and 0 < n < want:
-                watch.rd_ready = False
             return n
 
     # -- writing -------------------------------------------------------------------
@@ -382,6 +378,7 @@ class Stream:
     __slots__ = ("_buf", "_eof", "_limit", "sock")
 
     def __init__(self, sock: Socket, limit: int = 65536) -> None:
+        #: The Socket it reads from and writes to.
         self.sock = sock
         self._buf = bytearray()
         self._eof = False
@@ -548,6 +545,7 @@ class Server:
         self._idle.set()
         self._accepted = 0
         self._closed = False
+        #: The (host, port) it listens on (port 0 in serve() picks a free one).
         self.address = listener.getsockname()
         self._threads = [IOThread(f"serve-{i}") for i in range(iothreads)]
         self._next = itertools.cycle(self._threads)

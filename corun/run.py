@@ -26,6 +26,8 @@ def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     Thread: any thread without an open context.
     """
     existing = _thread._tls.ctx
+    if existing is not None and existing._closed and not existing._draining:
+        existing = None  # a close() that was interrupted: AioContext() finishes it
     if existing is not None:
         raise RuntimeError(
             f"run() cannot be called from a thread that owns an open context ({existing!r})"
