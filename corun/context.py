@@ -57,7 +57,7 @@ from .coroutine import (
     _unwind,
     current_coroutine,
 )
-from .fdhandler import READ, WRITE, Handler, fileno_of, make_poller
+from .fdhandler import HUP, READ, WRITE, Handler, fileno_of, make_poller
 from .notifier import EventNotifier
 from .timer import Timer, TimerList
 from .watchdog import watch_stalls
@@ -778,6 +778,8 @@ class AioContext:
             handlers = fds.get(fd)
             if handlers is None:
                 continue
+            if mask & HUP and len(handlers) > 2:
+                handlers[2][0]()  # type: ignore[index]  # a corun socket's hangup()
             if mask & READ:
                 h = handlers[0]
                 if h is not None:
@@ -848,7 +850,7 @@ class AioContext:
         if not self._poller.watch_edge(fd):
             return False
         self._edge_fds[fd] = watcher
-        self._fds[fd] = [(watcher.readable, ()), (watcher.writable, ())]
+        self._fds[fd] = [(watcher.readable, ()), (watcher.writable, ()), (watcher.hangup, ())]
         return True
 
     def _unwatch_edge(self, fd: int, watcher: Any) -> None:

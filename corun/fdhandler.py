@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
+HUP = 4  # with READ: the peer hung up (EPOLLRDHUP/EPOLLHUP), for corun sockets
 
 Handler = tuple[Callable[..., Any], tuple[Any, ...]]
 
@@ -68,6 +69,7 @@ if hasattr(select, "epoll"):
         select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
     )
     _EPOLL_WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+    _EPOLL_HUP = select.EPOLLRDHUP | select.EPOLLHUP
 
     class EpollPoller:
         """Readiness by epoll. Thread: home."""
@@ -130,7 +132,12 @@ if hasattr(select, "epoll"):
             out = []
             for fd, ev in raw:
                 out.append(
-                    (fd, (READ if ev & _EPOLL_READ else 0) | (WRITE if ev & _EPOLL_WRITE else 0))
+                    (
+                        fd,
+                        (READ if ev & _EPOLL_READ else 0)
+                        | (WRITE if ev & _EPOLL_WRITE else 0)
+                        | (HUP if ev & _EPOLL_HUP else 0),
+                    )
                 )
             return out
 

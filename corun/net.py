@@ -10,8 +10,10 @@ context, edge-triggered for reading and writing, for the socket's whole
 life (`_Watch`): a wait costs no epoll_ctl, and a socket nobody waits on
 costs no wake-up. The watch also remembers whether the last read or write
 came back short or with EAGAIN: then the next call waits for the next
-edge first instead of taking another EAGAIN exception. (A short read does
-not count: the peer's FIN can come on the same edge as its last data.)
+edge first instead of taking an EAGAIN exception, so a request/response
+exchange costs its read and write syscalls and nothing else. Once an edge
+has carried the peer's hang-up (EPOLLRDHUP), a short read no longer counts:
+the FIN's edge is spent and the next read must see the end of stream.
 Each wait is a kernel park with an abort, so every socket operation is a
 cancellation point; `timeout=` wraps it in a scope.
 
@@ -58,7 +60,7 @@ def _closed_error(what: str) -> OSError:
 class _Watch:
     """A socket's fd as its context sees it: who waits, and what is ready."""
 
-    __slots__ = ("ctx", "edge", "fd", "owner", "rd_ready", "reader", "wr_ready", "writer")
+    __slots__ = ("ctx", "edge", "fd", "hup", "owner", "rd_ready", "reader", "wr_ready", "writer")
 
     def __init__(self, ctx: AioContext, fd: int, owner: Socket) -> None:
         self.ctx = ctx
@@ -70,12 +72,18 @@ class _Watch:
         # comes back short or EAGAIN, True again at the next edge.
         self.rd_ready = True
         self.wr_ready = True
+        # The peer hung up (an edge carried RDHUP/HUP): from then on a short
+        # read no longer means drained (the FIN's edge is spent already).
+        self.hup = False
         self.edge = ctx._watch_edge(fd, self)
 
     def __repr__(self) -> str:
         return repr(self.owner)
 
     # Called by the loop (home thread, outside coroutines) at each edge.
+    def hangup(self) -> None:
+        self.hup = True
+
     def readable(self) -> None:
         self.rd_ready = True
         co = self.reader
@@ -223,9 +231,11 @@ class Socket:
                 if self._closed:
                     raise _closed_error("recv()") from None
                 raise
-            # A short read does not mean drained for good: the peer's FIN may
-            # have come with this data, on the same edge. Only EAGAIN (in
-            # _wait) makes the next read wait for an edge.
+            watch = self._watch
+            if watch is not None and 0 < len(data) < bufsize and not watch.hup:
+                # Drained: the next read waits for an edge instead of taking
+                # EAGAIN. Not after a hang-up: the FIN's edge is spent.
+                watch.rd_ready = False
             return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:

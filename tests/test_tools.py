@@ -1,13 +1,14 @@
-"""tools/stress.py and tools/bench.py, run the way a user runs them.
+"""tools/stress.py, tools/bench.py and tools/serverbench.py, run the way a user runs them.
 
 Each script runs in a subprocess with this interpreter, as after the
 README's install, on a short budget: the stress storms for half a second
 each (the fault-injection storm too, with and without a SIGINT storm, and
 the queue storm on its own), the bench on its smallest case and on the
-queue hand-off with tiny counts. In-process tests force a failing invariant
-(of the mutex storm, of the faults storm, of the queue storm) to check that
-it is named and fails the exit status, and one sends Ctrl-C to check that
-the summary still comes out. The command lines are checked in-process
+queue hand-off with tiny counts, and the server bench for one short round
+of three servers (skipped without redis-benchmark). In-process tests force
+a failing invariant (of the mutex storm, of the faults storm, of the queue
+storm) to check that it is named and fails the exit status, and one sends
+Ctrl-C to check that the summary still comes out. The command lines are checked in-process
 without running anything: each stress command's --help lists its own
 options and its --json keys, options that do not apply and values out of
 range are refused with a message naming them, and bench.py's --plot path
@@ -20,6 +21,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,7 +171,7 @@ def test_bench_json_rows() -> None:
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.parametrize("script", ["stress.py", "bench.py"])
+@pytest.mark.parametrize("script", ["stress.py", "bench.py", "serverbench.py"])
 def test_help(script: str) -> None:
     proc = run_tool(script, "--help", timeout=15)
     assert proc.returncode == 0, proc.stderr
@@ -418,11 +420,54 @@ def test_bench_queue_cases_count_every_item() -> None:
     ]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(
+    shutil.which("redis-benchmark") is None,
+    reason="redis-benchmark is not installed (Debian: apt-get install redis-tools; "
+    ".ci/run installs it)",
+)
+def test_serverbench_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three servers, one short round: every request answered, every INCR counted."""
+    # The shared parser first: pipelined, inline, and a command still on its way.
+    serverbench = load_tool(monkeypatch, "serverbench.py")
+    store: dict[bytes, bytes] = {}
+    whole = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nv1\r\nPING\r\n*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n"
+    partial = b"*2\r\n$3\r\nGET"
+    assert serverbench.process(whole + partial, store) == (b"+OK\r\n+PONG\r\n:1\r\n", len(whole))
+    assert store == {b"k": b"v1", b"n": b"1"}
+
+    proc = run_tool(
+        "serverbench.py",
+        *("--servers", "corun-1,corun-2,asyncio", "--repeat", "1", "--requests", "2000"),
+        "--json",
+        timeout=55,
+    )
+    # Exit status 0: no run failed, and each server's INCR counter was exact.
+    assert proc.returncode == 0, proc.stderr
+    objs = [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = [o for o in objs if "server" in o]
+    assert [(r["server"], r["pipeline"]) for r in rows] == [
+        (server, p) for server in ("corun-1", "corun-2", "asyncio") for p in (1, 16)
+    ]
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["requests"] == (2000 if r["pipeline"] == 1 else 16000)
+        assert set(r["median"]) == {"PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"}
+        assert min(r["median"].values()) > 0 and r["all"] > 0
+    ratios = [(o["numerator"], o["denominator"], o["pipeline"]) for o in objs if "ratio" in o]
+    assert ratios == [
+        (num, den, p)
+        for p in (1, 16)
+        for num, den in (("corun-1", "asyncio"), ("corun-2", "corun-1"))
+    ]
+    assert all(o["target"] == 1.0 and o["met"] in (True, False) for o in objs if "ratio" in o)
+
+
 # -- the command lines ---------------------------------------------------------
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.parametrize("script", ["stress.py", "bench.py"])
+@pytest.mark.parametrize("script", ["stress.py", "bench.py", "serverbench.py"])
 def test_tools_are_executable_scripts(script: str) -> None:
     path = TOOLS / script
     assert path.read_text().startswith("#!/usr/bin/env python3\n")
