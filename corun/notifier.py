@@ -75,6 +75,9 @@ class EventNotifier:
     def close(self) -> None:
         """Release the fd(s); idempotent. Thread: any, once nobody polls it."""
         rfd, wfd = self._rfd, self._wfd
+        # Marked first: an interrupt between marking and closing leaks an fd,
+        # which is safer than the other order, where a retry could close a
+        # number that another thread has been given since.
         self._rfd = self._wfd = -1
         if rfd >= 0:
             os.close(rfd)
