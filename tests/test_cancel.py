@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import drain
+from helpers import Recorder, drain
 
 import corun
 from corun import (
@@ -46,22 +46,6 @@ pytestmark = pytest.mark.timeout(10)
 
 # Generous bound for "at once": a cancelled 10 s wait must end well before.
 QUICK = 5.0
-
-
-class Recorder:
-    """An exception handler (for any number of contexts) that records what it hears."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seen: list[tuple[str, BaseException, object]] = []
-
-    def __call__(self, ctx: AioContext, exc: BaseException, origin: object) -> None:
-        with self._lock:
-            self.seen.append((ctx.name, exc, origin))
-
-    def watch(self, ctx: AioContext) -> AioContext:
-        ctx.set_exception_handler(self)
-        return ctx
 
 
 @pytest.fixture

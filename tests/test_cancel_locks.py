@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import drain, in_other_thread
+from helpers import Recorder, drain, in_other_thread
 
 import corun
 from corun import (
@@ -47,22 +47,6 @@ from corun import (
 QUICK = 5.0
 
 ORIGINS = ["home", "thread", "iothread"]
-
-
-class Recorder:
-    """An exception handler (for any number of contexts) that records what it hears."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seen: list[tuple[str, BaseException, object]] = []
-
-    def __call__(self, ctx: AioContext, exc: BaseException, origin: object) -> None:
-        with self._lock:
-            self.seen.append((ctx.name, exc, origin))
-
-    def watch(self, ctx: AioContext) -> AioContext:
-        ctx.set_exception_handler(self)
-        return ctx
 
 
 @pytest.fixture

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-from helpers import drain
+from helpers import Outcome, Recorder, drain, wait_len, wait_until
 
 import corun
 import corun.waiter
@@ -53,22 +52,6 @@ QUICK = 5.0
 Item = tuple[int, int]  # (producer, sequence number)
 
 
-class Recorder:
-    """An exception handler (for any number of contexts) that records what it hears."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seen: list[tuple[str, BaseException, object]] = []
-
-    def __call__(self, ctx: AioContext, exc: BaseException, origin: object) -> None:
-        with self._lock:
-            self.seen.append((ctx.name, exc, origin))
-
-    def watch(self, ctx: AioContext) -> AioContext:
-        ctx.set_exception_handler(self)
-        return ctx
-
-
 @pytest.fixture
 def reports() -> Recorder:
     return Recorder()
@@ -91,42 +74,6 @@ def threads(reports: Recorder) -> Iterator[list[IOThread]]:
     yield ts
     for t in ts:
         t.join(QUICK)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = QUICK) -> None:
-    """Poll `predicate` until it holds; only for states no Event can announce."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.0005)
-
-
-def wait_len(items: Sized, n: int) -> None:
-    """Wait until `items` (a waiter deque) holds `n` entries."""
-    wait_until(lambda: len(items) == n)
-
-
-class Outcome:
-    """fn() in a plain thread; `get()` joins it, returns its value or re-raises."""
-
-    def __init__(self, fn: Callable[[], Any], name: str = "q-thread") -> None:
-        self._value: list[tuple[bool, Any]] = []
-        self._thread = threading.Thread(target=self._main, args=(fn,), name=name, daemon=True)
-        self._thread.start()
-
-    def _main(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._value.append((True, fn()))
-        except BaseException as exc:
-            self._value.append((False, exc))
-
-    def get(self, timeout: float = QUICK) -> Any:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "thread did not finish in time"
-        ok, value = self._value[0]
-        if not ok:
-            raise value
-        return value
 
 
 def drain_queue(q: Queue[T]) -> list[T]:

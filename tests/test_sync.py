@@ -22,11 +22,11 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import drain
+from helpers import Recorder, drain, wait_len, wait_until
 
 import corun
 import corun.waiter
@@ -45,22 +45,6 @@ pytestmark = pytest.mark.timeout(20)
 # Bound for anything that must happen "at once" or "eventually": it only
 # turns a hang into a failure, no assertion depends on it.
 QUICK = 5.0
-
-
-class Recorder:
-    """An exception handler (for any number of contexts) that records what it hears."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seen: list[tuple[str, BaseException, object]] = []
-
-    def __call__(self, ctx: AioContext, exc: BaseException, origin: object) -> None:
-        with self._lock:
-            self.seen.append((ctx.name, exc, origin))
-
-    def watch(self, ctx: AioContext) -> AioContext:
-        ctx.set_exception_handler(self)
-        return ctx
 
 
 @pytest.fixture
@@ -85,19 +69,6 @@ def threads(reports: Recorder) -> Iterator[list[IOThread]]:
     yield ts
     for t in ts:
         t.join(QUICK)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = QUICK) -> None:
-    """Poll `predicate` until it holds; only for states no Event can announce."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.0005)
-
-
-def wait_len(items: Sized, n: int) -> None:
-    """Wait until `items` (a waiter deque) holds `n` entries."""
-    wait_until(lambda: len(items) == n)
 
 
 class Outcome:

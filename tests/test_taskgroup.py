@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from helpers import Recorder
 
 import corun
 from corun import AioContext, Cancelled, Coroutine, IOThread, TaskGroup
@@ -42,22 +43,6 @@ QUICK = 5.0
 # Bound on a whole owner (every owner here ends well within it): a group
 # whose exit never returns fails its test after this long.
 HANG = 4.0
-
-
-class Recorder:
-    """An exception handler (for any number of contexts) that records what it hears."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seen: list[tuple[str, BaseException, object]] = []
-
-    def __call__(self, ctx: AioContext, exc: BaseException, origin: object) -> None:
-        with self._lock:
-            self.seen.append((ctx.name, exc, origin))
-
-    def watch(self, ctx: AioContext) -> AioContext:
-        ctx.set_exception_handler(self)
-        return ctx
 
 
 class Tally:
