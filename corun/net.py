@@ -214,71 +214,49 @@ class Socket:
 
     # -- reading -------------------------------------------------------------------
 
+    def _io(self, index: int, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        """call(*args) on the socket, waiting for readiness as needed (the retry loop
+        of every operation): waits first if the last one came back short."""
+        self._check(what)
+        watch = self._watch
+        if watch is not None and not (watch.rd_ready if index == _READ else watch.wr_ready):
+            self._wait(index, what)
+        while True:
+            try:
+                return call(*args)
+            except BlockingIOError:
+                self._wait(index, what)
+            except OSError:
+                if self._closed:
+                    raise _closed_error(f"{what}()") from None
+                raise
+
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """Receive up to `bufsize` bytes; b"" at end of stream. A cancellation point
         when it has to wait. Coroutine only."""
-        self._check("recv")
+        data: bytes = self._io(_READ, "recv", self._sock.recv, bufsize, flags)
         watch = self._watch
-        if watch is not None and not watch.rd_ready:
-            self._wait(_READ, "recv")
-        while True:
-            try:
-                data = self._sock.recv(bufsize, flags)
-            except BlockingIOError:
-                self._wait(_READ, "recv")
-                continue
-            except OSError:
-                if self._closed:
-                    raise _closed_error("recv()") from None
-                raise
-            watch = self._watch
-            if watch is not None and 0 < len(data) < bufsize and not watch.hup:
-                # Drained: the next read waits for an edge instead of taking
-                # EAGAIN. Not after a hang-up: the FIN's edge is spent.
-                watch.rd_ready = False
-            return data
+        if watch is not None and 0 < len(data) < bufsize and not watch.hup:
+            # Drained: the next read waits for an edge instead of taking
+            # EAGAIN. Not after a hang-up: the FIN's edge is spent.
+            watch.rd_ready = False
+        return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """Receive into `buffer`; return how many bytes (0 at end of stream).
         Coroutine only."""
-        self._check("recv_into")
-        watch = self._watch
-        if watch is not None and not watch.rd_ready:
-            self._wait(_READ, "recv_into")
-        while True:
-            try:
-                n = self._sock.recv_into(buffer, nbytes, flags)
-            except BlockingIOError:
-                self._wait(_READ, "recv_into")
-                continue
-            except OSError:
-                if self._closed:
-                    raise _closed_error("recv_into()") from None
-                raise
-            return n
+        n: int = self._io(_READ, "recv_into", self._sock.recv_into, buffer, nbytes, flags)
+        return n
 
     # -- writing -------------------------------------------------------------------
 
     def send(self, data: Any, flags: int = 0) -> int:
         """Send some of `data`; return how many bytes went. Coroutine only."""
-        self._check("send")
+        n: int = self._io(_WRITE, "send", self._sock.send, data, flags)
         watch = self._watch
-        if watch is not None and not watch.wr_ready:
-            self._wait(_WRITE, "send")
-        while True:
-            try:
-                n = self._sock.send(data, flags)
-            except BlockingIOError:
-                self._wait(_WRITE, "send")
-                continue
-            except OSError:
-                if self._closed:
-                    raise _closed_error("send()") from None
-                raise
-            watch = self._watch
-            if watch is not None and n < len(data):
-                watch.wr_ready = False  # the send buffer is full
-            return n
+        if watch is not None and n < len(data):
+            watch.wr_ready = False  # the send buffer is full
+        return n
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         """Send all of `data`, waiting for room as needed. A cancellation point
@@ -293,18 +271,8 @@ class Socket:
 
     def accept(self) -> tuple[Socket, Any]:
         """Wait for a connection; return (Socket, address). Coroutine only."""
-        self._check("accept")
-        while True:
-            try:
-                conn, addr = self._sock.accept()
-            except BlockingIOError:
-                self._wait(_READ, "accept")
-                continue
-            except OSError:
-                if self._closed:
-                    raise _closed_error("accept()") from None
-                raise
-            return Socket(conn), addr
+        conn, addr = self._io(_READ, "accept", self._sock.accept)
+        return Socket(conn), addr
 
     def connect(self, address: Any, timeout: float | None = None) -> None:
         """Connect to `address` (resolved already), waiting for the handshake.
