@@ -668,13 +668,17 @@ def test_consumers_cancelled_and_timing_out_lose_and_duplicate_nothing(
     def canceller() -> None:
         # Pacing only: how the cancels fall against the hand-offs does not
         # matter to any assertion.
-        while not producers_done.wait(rng.uniform(0, 0.0005)):
+        # At least one round, however fast the producers are: consumers live
+        # until the queue is closed, after producers_done.
+        while True:
             with lock:
                 live = [c for c in consumers if not c.done]
             if live:
                 rng.choice(live).cancel()
                 cancels[0] += 1
                 start_consumer()
+            if producers_done.wait(rng.uniform(0, 0.0005)):
+                break
 
     cancel_thread = Outcome(canceller)
     producers = [
