@@ -118,6 +118,16 @@ class AioContext:
         # Invariants: _event_armed is held exactly from the notify() that
         # decides to write the eventfd until the loop has read it; so while
         # it is held the eventfd is (or is about to be) readable.
+        try:
+            self._setup()
+            tls.ctx = self
+            _thread._contexts.add(self)
+        except BaseException:
+            self._abort_setup()
+            raise
+
+    def _setup(self) -> None:
+        """The part of __init__ that takes resources (undone by _abort_setup)."""
         self._notifier = EventNotifier()
         self._notify_fd = self._notifier.fileno()
         self._notify_me = False
@@ -165,8 +175,22 @@ class AioContext:
         self._timers_fired = 0
         self._fd_events = 0
 
-        tls.ctx = self
-        _thread._contexts.add(self)
+    def _abort_setup(self) -> None:
+        """__init__ failed or was interrupted after taking resources: give them back.
+
+        Whatever part exists: the signal wake-up fd, the epoll fd, the eventfd.
+        """
+        self._closed = True
+        if _thread._tls.ctx is self:
+            _thread._tls.ctx = None
+        _thread._contexts.discard(self)
+        if getattr(self, "_signal_socks", None) is not None:
+            self._unwatch_signals()
+        for part in ("_poller", "_notifier"):
+            closer = getattr(getattr(self, part, None), "close", None)
+            if closer is not None:
+                closer()
+        self._released = True
 
     def __repr__(self) -> str:
         if self._inherited:
@@ -1030,12 +1054,24 @@ class AioContext:
                 signal.set_wakeup_fd(previous)  # not ours to replace
                 raise ValueError
             self._poller.set(rsock.fileno(), READ)
-        except (OSError, ValueError):
-            rsock.close()
-            wsock.close()
-            return
-        self._signal_socks = (rsock, wsock)
-        self._signal_fd = rsock.fileno()
+            self._signal_socks = (rsock, wsock)
+            self._signal_fd = rsock.fileno()
+        except BaseException as exc:
+            if self._signal_socks is None:
+                # Not published: never leave the wake-up fd pointing at a
+                # socket we are about to close (asked, not guessed: an
+                # interrupt may have landed right after set_wakeup_fd).
+                try:
+                    current = signal.set_wakeup_fd(-1)
+                    if current != wsock.fileno():
+                        signal.set_wakeup_fd(current)
+                except ValueError:
+                    pass
+                rsock.close()
+                wsock.close()
+            if isinstance(exc, (OSError, ValueError)):
+                return
+            raise
 
     def _drain_signal_fd(self) -> None:
         socks = self._signal_socks
@@ -1123,7 +1159,7 @@ class AioContext:
         # and say so, as an unclosed socket does. No work runs here.
         if getattr(self, "_released", True):
             return
-        if not self._inherited and hasattr(self, "_poller"):
+        if not getattr(self, "_inherited", False) and hasattr(self, "_poller"):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
         self._closed = True
         self._released = True

@@ -42,7 +42,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 import pytest
-from helpers import drain
+from helpers import drain, in_other_thread
 
 import corun
 from corun import AioContext, Coroutine, IOThread, wake
@@ -225,32 +225,39 @@ def producer_storm(ctx: AioContext) -> tuple[int, list[str]]:
     interrupts = 0
     errors: list[str] = []
     stormer = threading.Thread(target=storm)
+    # The handler raises only while the producer is inside call_soon's try
+    # below, and disarms itself first: a signal landing anywhere else (an
+    # except clause, the clean-up) is dropped, never escapes the test (3.13
+    # checks for signals at more points than 3.11).
+    armed = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+
     # No garbage collection during the storm: a signal landing in a finalizer the
     # collector runs (an older context's __del__) is not what this test is about.
     gc.collect()
     gc.disable()
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         stormer.start()
-        while True:
+        go.set()
+        while not over.is_set():
             try:
-                go.set()
-                while not over.is_set():
-                    try:
-                        ctx.call_soon(int)
-                        for _ in range(300):
-                            pass  # lets the IOThread go back to sleep: the next call writes
-                    except KeyboardInterrupt:
-                        interrupts += 1
-                    except Exception as exc:
-                        errors.append(repr(exc))
-                stormer.join(10)
-                ignore_sigint_guarded()
-                break
+                armed[0] = True
+                ctx.call_soon(int)
+                armed[0] = False
             except KeyboardInterrupt:
                 interrupts += 1
+            except Exception as exc:
+                armed[0] = False
+                errors.append(repr(exc))
+            for _ in range(300):
+                pass  # lets the IOThread go back to sleep: the next call writes
     finally:
-        ignore_sigint_guarded()
+        armed[0] = False
         halt.set()
         go.set()
         stormer.join(10)
@@ -331,94 +338,111 @@ def test_cross_thread_wake_interrupted_after_taking_the_flag_leaves_coroutine_wa
         unwedge_and_join(t)
 
 
-@pytest.mark.timeout(20)
-def test_same_thread_wake_interrupted_after_taking_the_flag_leaves_coroutine_wakeable() -> None:
+def in_fresh_thread(scenario: Callable[[], None]) -> None:
+    """Run `scenario` in a fresh thread, which owns the context it creates; re-raise its failure.
+
+    A context left broken by a regression then cannot poison the thread
+    running the tests (nor one left behind by an earlier test this one).
+    """
+    ok, value = in_other_thread(scenario)
+    if not ok:
+        raise value
+
+
+def _same_thread_wake_scenario() -> None:
     log: list[str] = []
     interrupts: list[KeyboardInterrupt | None] = []
     injector = InjectAt(
         CONTEXT_MODULE._defer.__code__,
         line_of(CONTEXT_MODULE._defer, "co._sched_where = me"),
     )
+    with AioContext() as ctx:
+
+        def sleeper() -> None:
+            corun.yield_()
+            log.append("sleeper")
+
+        s = ctx.spawn(sleeper, name="sleeper")
+        drain(ctx)
+
+        def waker() -> None:
+            # A deferred wake: the path of a CoMutex hand-off or a CoQueue wake-up.
+            interrupts.append(traced(injector, lambda: wake(s)))
+
+        ctx.spawn(waker, name="waker")
+        drain(ctx)
+        assert injector.fired and interrupts[0] is not None, "the injection point was not reached"
+        assert log == [] and not s.done
+        assert not s.scheduled, f"{s!r} was left 'scheduled' in no queue"
+        try:
+            wake(s)
+        except RuntimeError as exc:
+            pytest.fail(f"a later wake() was refused: {exc}")
+        drain(ctx)
+        assert log == ["sleeper"]
+        assert s.done
+
+
+@pytest.mark.timeout(20)
+def test_same_thread_wake_interrupted_after_taking_the_flag_leaves_coroutine_wakeable() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        with AioContext() as ctx:
-
-            def sleeper() -> None:
-                corun.yield_()
-                log.append("sleeper")
-
-            s = ctx.spawn(sleeper, name="sleeper")
-            drain(ctx)
-
-            def waker() -> None:
-                # A deferred wake: the path of a CoMutex hand-off or a CoQueue wake-up.
-                interrupts.append(traced(injector, lambda: wake(s)))
-
-            ctx.spawn(waker, name="waker")
-            drain(ctx)
-            assert injector.fired and interrupts[0] is not None, (
-                "the injection point was not reached"
-            )
-            assert log == [] and not s.done
-            assert not s.scheduled, f"{s!r} was left 'scheduled' in no queue"
-            try:
-                wake(s)
-            except RuntimeError as exc:
-                pytest.fail(f"a later wake() was refused: {exc}")
-            drain(ctx)
-            assert log == ["sleeper"]
-            assert s.done
+        in_fresh_thread(_same_thread_wake_scenario)
 
 
 # -- _absorb interrupted: a coroutine queued twice ----------------------------------------------
 
 
+def _absorb_scenario() -> None:
+    log: list[str] = []
+    with AioContext() as ctx:
+        cos: dict[str, Coroutine[Any]] = {}
+
+        def leaf() -> None:
+            corun.yield_()
+            log.append("leaf")
+
+        def mid() -> None:
+            corun.yield_()
+            log.append("mid")
+            wake(cos["leaf"])  # deferred: entered by _settle after mid yields
+
+        def root() -> None:
+            corun.yield_()
+            log.append("root")
+            wake(cos["mid"])
+
+        for name, fn in (("leaf", leaf), ("mid", mid), ("root", root)):
+            cos[name] = Coroutine(fn, name=name)
+            ctx.enter(cos[name])  # runs to its yield_()
+        absorb = COROUTINE_MODULE._absorb
+        # Absorbing mid (which woke leaf), between `pending.extendleft(...)`
+        # and `to._wakeups = None`: both hold leaf.
+        injector = InjectAt(
+            absorb.__code__,
+            line_of(absorb, "to._wakeups = None"),
+            when=lambda frame: frame.f_locals.get("to") is cos["mid"],
+        )
+        interrupt = traced(injector, lambda: ctx.enter(cos["root"]))
+        assert injector.fired and interrupt is not None, "the injection point was not reached"
+
+        queued = Counter(id(item) for item in ctx._ready)
+        assert queued[id(cos["leaf"])] <= 1, "leaf was queued twice"
+        for _ in range(4):
+            try:
+                ctx.poll(False)
+            except RuntimeError as exc:
+                pytest.fail(f"poll() raised after the interrupt: {exc!r}")
+        assert Counter(log) == {"root": 1, "mid": 1, "leaf": 1}
+        assert all(co.done for co in cos.values())
+        assert not any(co.scheduled for co in cos.values())
+
+
 @pytest.mark.timeout(20)
 def test_interrupt_inside_absorb_does_not_queue_a_coroutine_twice() -> None:
-    log: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        with AioContext() as ctx:
-            cos: dict[str, Coroutine[Any]] = {}
-
-            def leaf() -> None:
-                corun.yield_()
-                log.append("leaf")
-
-            def mid() -> None:
-                corun.yield_()
-                log.append("mid")
-                wake(cos["leaf"])  # deferred: entered by _settle after mid yields
-
-            def root() -> None:
-                corun.yield_()
-                log.append("root")
-                wake(cos["mid"])
-
-            for name, fn in (("leaf", leaf), ("mid", mid), ("root", root)):
-                cos[name] = Coroutine(fn, name=name)
-                ctx.enter(cos[name])  # runs to its yield_()
-            absorb = COROUTINE_MODULE._absorb
-            # Absorbing mid (which woke leaf), between `pending.extendleft(...)`
-            # and `to._wakeups = None`: both hold leaf.
-            injector = InjectAt(
-                absorb.__code__,
-                line_of(absorb, "to._wakeups = None"),
-                when=lambda frame: frame.f_locals.get("to") is cos["mid"],
-            )
-            interrupt = traced(injector, lambda: ctx.enter(cos["root"]))
-            assert injector.fired and interrupt is not None, "the injection point was not reached"
-
-            queued = Counter(id(item) for item in ctx._ready)
-            assert queued[id(cos["leaf"])] <= 1, "leaf was queued twice"
-            for _ in range(4):
-                try:
-                    ctx.poll(False)
-                except RuntimeError as exc:
-                    pytest.fail(f"poll() raised after the interrupt: {exc!r}")
-            assert Counter(log) == {"root": 1, "mid": 1, "leaf": 1}
-            assert all(co.done for co in cos.values())
-            assert not any(co.scheduled for co in cos.values())
+        in_fresh_thread(_absorb_scenario)
 
 
 # -- close() interrupted at every line ------------------------------------------------------------
