@@ -55,9 +55,13 @@ def describe_wait(what: object, now: float | None = None) -> str:
         holder = what.holder
         where = f" on {holder.ctx.name!r}" if holder is not None and holder.ctx else ""
         return f"{what!r}{where}"
+    if isinstance(what, CoRwLock):
+        readers = ", ".join(repr(co.name) for co in list(what._readers))
+        return f"{what!r}" + (f", read by {readers}" if readers else "")
     if isinstance(what, tuple) and what:
         kind = what[0]
-        if kind in ("wait_readable", "wait_writable"):
+        if len(what) == 2 and isinstance(what[1], int):
+            # wait_readable/wait_writable, and socket operations (recv, send...)
             return f"{kind}(fd {what[1]})"
         if kind == "call_sync":
             return f"call_sync({_fn_name(what[2])}) on {what[1].name!r}"
