@@ -758,6 +758,11 @@ def test_iothread_join_bounded_while_producers_never_stop() -> None:
         except TimeoutError:
             pytest.fail("IOThread.join() did not finish while producers kept submitting")
     finally:
+        # Once the context is closed every producer's next call_soon is
+        # refused and ends it; give_up only bounds a failing run (setting it
+        # at once raced a producer that had not submitted since the close).
+        for p in producers:
+            p.join(5)
         give_up.set()
         for p in producers:
             p.join(5)
