@@ -160,6 +160,7 @@ class AioContext:
         self._live: set[Coroutine[Any]] = set()
         self._exc_handler: ExceptionHandler | None = None
         self._thread_pool: ThreadPoolExecutor | None = None
+        self._thread_pool_size: int | None = None  # None: ThreadPoolExecutor's default
         # Greenlets of finished coroutines, for new ones (coroutine.POOL_SIZE).
         self._co_pool: list[_CoGreenlet] = []
 
@@ -1028,8 +1029,38 @@ class AioContext:
             self._check_home("run_in_thread")
             if self._closed:
                 raise RuntimeError(f"cannot run_in_thread() on {self!r}: it is closed")
-            pool = self._thread_pool = ThreadPoolExecutor(thread_name_prefix=f"{self.name}-worker")
+            pool = self._thread_pool = ThreadPoolExecutor(
+                self._thread_pool_size, thread_name_prefix=f"{self.name}-worker"
+            )
         return pool
+
+    def set_thread_pool_size(self, max_workers: int) -> None:
+        """How many worker threads run_in_thread() may use on this context.
+
+        The default is concurrent.futures' (min(32, CPUs + 4)); block I/O
+        with deep queues wants more, CPU-bound work fewer. QEMU: the
+        IOThread's thread-pool-max. Calls already submitted finish in the
+        old workers, which then exit; new calls go to a pool of the new
+        size. Thread: home (from elsewhere, `ctx.call_sync(ctx.set_thread_pool_size, n)`).
+        """
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(
+                f"{self!r}.set_thread_pool_size(): max_workers must be an int, "
+                f"got {max_workers!r}"
+            )
+        if max_workers < 1:
+            raise ValueError(
+                f"{self!r}.set_thread_pool_size(): max_workers must be >= 1, got {max_workers}"
+            )
+        self._check_home("set_thread_pool_size")
+        if self._closed:
+            raise RuntimeError(f"cannot set_thread_pool_size() on {self!r}: it is closed")
+        if max_workers == self._thread_pool_size:
+            return
+        self._thread_pool_size = max_workers
+        old, self._thread_pool = self._thread_pool, None
+        if old is not None:
+            old.shutdown(wait=False)  # queued and running calls still finish
 
     def _watch_signals(self) -> None:
         """Make a signal wake a blocked poll() of the main thread's context.

@@ -246,6 +246,9 @@ class Socket:
         """Receive into `buffer`; return how many bytes (0 at end of stream).
         Coroutine only."""
         n: int = self._io(_READ, "recv_into", self._sock.recv_into, buffer, nbytes, flags)
+        watch = self._watch
+        if watch is not None and n and not watch.hup and n < (nbytes or memoryview(buffer).nbytes):
+            watch.rd_ready = False  # drained, as in recv()
         return n
 
     # -- writing -------------------------------------------------------------------
@@ -511,9 +514,18 @@ class Server:
         iothreads: int,
         nodelay: bool,
         stream: bool,
+        thread_pool_size: int | None = None,
     ) -> None:
         if iothreads < 1:
             raise ValueError(f"serve(): iothreads must be >= 1, got {iothreads}")
+        if thread_pool_size is not None and (
+            isinstance(thread_pool_size, bool)
+            or not isinstance(thread_pool_size, int)
+            or thread_pool_size < 1
+        ):
+            raise ValueError(
+                f"serve(): thread_pool_size must be an int >= 1, got {thread_pool_size!r}"
+            )
         self._handler = handler
         self._nodelay = nodelay
         self._stream = stream
@@ -526,6 +538,9 @@ class Server:
         #: The (host, port) it listens on (port 0 in serve() picks a free one).
         self.address = listener.getsockname()
         self._threads = [IOThread(f"serve-{i}") for i in range(iothreads)]
+        if thread_pool_size is not None:
+            for t in self._threads:
+                t.ctx.call_sync(t.ctx.set_thread_pool_size, thread_pool_size)
         self._next = itertools.cycle(self._threads)
         self._acceptor_thread = IOThread("serve-accept")
         self._listener = Socket(listener)
@@ -619,13 +634,16 @@ def serve(
     nodelay: bool = True,
     stream: bool = True,
     reuse_address: bool = True,
+    thread_pool_size: int | None = None,
 ) -> Server:
     """Listen on (host, port) and serve each connection with handler(conn, addr).
 
     `conn` is a Stream (or the Socket, with stream=False). The listener runs
     on its own IOThread; each connection's coroutine on one of `iothreads`
     IOThreads, round-robin. TCP_NODELAY is set (small replies are not held
-    back). `port=0` picks a free port: see `server.address`. Thread: any.
+    back). `port=0` picks a free port: see `server.address`.
+    `thread_pool_size` sets each IOThread's run_in_thread() pool size
+    (AioContext.set_thread_pool_size). Thread: any.
     """
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     family, kind, proto, _canon, address = infos[0]
@@ -635,10 +653,10 @@ def serve(
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(address)
         listener.listen(backlog)
+        return Server(handler, listener, iothreads, nodelay, stream, thread_pool_size)
     except BaseException:
         listener.close()
         raise
-    return Server(handler, listener, iothreads, nodelay, stream)
 
 
 __all__ = [

@@ -33,6 +33,36 @@ from .waiter import Waiter
 T = TypeVar("T")
 
 
+class _Call:
+    """fn(*args, **kwargs) for a worker, which lets go of them before it reports.
+
+    concurrent.futures' work item keeps its arguments until the worker
+    moves on, after the future is done: by then the coroutine may have
+    resumed and dropped its own references, and the last one goes in the
+    worker. For a large buffer that matters: glibc frees it into the arena
+    of the thread that made it, from the worker, and trims that arena's
+    heap; the next buffer of that size faults every page back in. Writing
+    1 GiB in 2 MiB buffers that way cost ~100k-150k minor faults and
+    ~0.3-0.9 s of kernel time against ~1.8k faults and ~0.1 s (see
+    CHANGELOG). Dropping our references here, before the worker completes
+    the future, leaves the last one to the caller, on the home thread.
+    """
+
+    __slots__ = ("args", "fn", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self.fn: Callable[..., Any] | None = fn
+        self.args: tuple[Any, ...] = args
+        self.kwargs: dict[str, Any] = kwargs
+
+    def __call__(self) -> Any:
+        fn, args, kwargs = self.fn, self.args, self.kwargs
+        self.fn, self.args, self.kwargs = None, (), {}
+        if fn is None:
+            raise RuntimeError("a run_in_thread() call ran twice")
+        return fn(*args, **kwargs)
+
+
 def run_in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run fn(*args, **kwargs) in a worker thread; suspend until it returns.
 
@@ -45,7 +75,7 @@ def run_in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     if ctx is None:
         raise RuntimeError(f"run_in_thread() needs a context: {co!r} has none")
     checkpoint(co)
-    future: Future[T] = ctx._get_thread_pool().submit(fn, *args, **kwargs)
+    future: Future[T] = ctx._get_thread_pool().submit(_Call(fn, args, kwargs))
     waiter = Waiter(co, ("run_in_thread", fn))
     # Runs in the worker, or inline here if fn is already done; either way
     # the home thread's loop fires the waiter only after we park in wait().
