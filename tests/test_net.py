@@ -619,6 +619,44 @@ def test_server_close_waits_for_handlers_that_finish_within_the_grace() -> None:
         assert c.recv(10) == b"bye\n"
 
 
+def test_serve_thread_pool_size_bounds_each_iothreads_workers() -> None:
+    """serve(thread_pool_size=2): each connection's run_in_thread() calls share
+    a pool of 2 workers on its IOThread."""
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+
+    def slow() -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.02)  # the work itself: overlapping calls are what is counted
+        with lock:
+            running -= 1
+        return threading.get_ident()
+
+    def handler(stream: Stream, addr: Any) -> None:
+        stream.readline()
+        with corun.TaskGroup() as group:
+            calls = [group.spawn(corun.run_in_thread, slow) for _ in range(8)]
+        stream.write(b"%d\n" % len({co.result() for co in calls}))
+
+    with serving(handler, thread_pool_size=2) as server:
+        with socket.create_connection(server.address, timeout=QUICK) as c:
+            c.sendall(b"go\n")
+            assert c.makefile("rb").readline() == b"2\n"
+    assert peak == 2
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True])
+def test_serve_rejects_a_bad_thread_pool_size_and_leaks_nothing(size: Any) -> None:
+    before = len(threading.enumerate())
+    with pytest.raises(ValueError, match=r"serve\(\): thread_pool_size must be an int >= 1"):
+        corun.serve(echo, "127.0.0.1", 0, thread_pool_size=size)
+    assert len(threading.enumerate()) == before
+
+
 # -- timeouts ----------------------------------------------------------------------------
 
 
