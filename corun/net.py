@@ -35,7 +35,7 @@ import errno
 import itertools
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -258,6 +258,17 @@ class Socket:
         n: int = self._io(_WRITE, "send", self._sock.send, data, flags)
         watch = self._watch
         if watch is not None and n < len(data):
+            watch.wr_ready = False  # the send buffer is full
+        return n
+
+    def sendmsg(self, buffers: Sequence[Any], ancdata: Any = (), flags: int = 0) -> int:
+        """Send `buffers` in one gather write (socket.sendmsg, no join); return
+        how many bytes went, maybe fewer than all. Coroutine only."""
+        if not isinstance(buffers, (list, tuple)):
+            buffers = list(buffers)  # retried after a wait: must be iterable twice
+        n: int = self._io(_WRITE, "sendmsg", self._sock.sendmsg, buffers, ancdata, flags)
+        watch = self._watch
+        if watch is not None and n < sum(memoryview(b).nbytes for b in buffers):
             watch.wr_ready = False  # the send buffer is full
         return n
 

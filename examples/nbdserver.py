@@ -150,6 +150,7 @@ MAX_EXTENTS = 1 << 16  # per BLOCK_STATUS reply (the spec's cap is 2^20)
 MAX_INFLIGHT = 64  # requests in flight per connection before we stop reading
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client gets to finish option haggling
 RECV_BUFFER = 256 * 1024
+IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
 
 OPTION_HEADER = struct.Struct(">QII")  # magic, option, length
 OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
@@ -253,16 +254,25 @@ class Export:
 
     # The disk operations: plain blocking calls, run on the loop or in a worker.
 
-    def read_into(self, buf: bytearray, start: int, offset: int, length: int) -> None:
-        """Read [offset, offset+length) into buf[start:]; zeros past a short file."""
-        view = memoryview(buf)[start : start + length]
-        done = 0
-        while done < length:
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n == 0:  # the file shrank under us: the rest reads as zeros
-                view[done:] = bytes(length - done)
-                return
-            done += n
+    def read(self, offset: int, length: int) -> bytes:
+        """[offset, offset+length), zeros past the end of a file that shrank.
+
+        os.pread's bytes are not zero-filled first, as a bytearray would be:
+        one copy, from the page cache.
+        """
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # short: read on, then pad
+            parts = [data]
+            done = len(data)
+            while done < length:
+                more = os.pread(self.fd, length - done, offset + done)
+                if not more:
+                    parts.append(bytes(length - done))
+                    break
+                parts.append(more)
+                done += len(more)
+            data = b"".join(parts)
+        return data
 
     def write(self, data: memoryview, offset: int, fua: bool) -> None:
         done = 0
@@ -406,19 +416,20 @@ class Connection:
 
     # -- writing ----------------------------------------------------------------
 
-    def _send(self, reply: Any) -> None:
-        """Queue one reply; the first sender sends it and whatever queues meanwhile.
+    def _send(self, *reply: Any) -> None:
+        """Queue one reply (its buffers); the first sender sends it and whatever
+        queues meanwhile.
 
         Replies are serialised without a lock: every request of a connection
         is a coroutine of the connection's context, so one flag, read and set
         without a switch in between, says whether a sender is at work. The
         sender first yields once when other requests are in flight: those
         that are ready run and queue their replies, and they all leave in one
-        send (QEMU corks its socket for the same reason: on loopback a send
-        costs more than the copy it makes). Replies that queue while a send
-        waits for room go in the next one.
+        gather write (QEMU corks its socket for the same reason: on loopback
+        a send costs more than the copy it makes). Replies that queue while a
+        send waits for room go in the next one.
         """
-        self._outbox.append(reply)
+        self._outbox.extend(reply)
         if self._sending:
             return  # the sender at work takes it
         self._sending = True
@@ -427,11 +438,28 @@ class Connection:
                 corun.sleep(0)  # the cork: let the others of this batch queue theirs
             outbox = self._outbox
             while outbox:
-                data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
-                outbox.clear()
-                self.sock.sendall(data)
+                batch = outbox[:IOV_MAX]
+                del outbox[:IOV_MAX]
+                self._send_buffers(batch)
         finally:
             self._sending = False
+
+    def _send_buffers(self, buffers: list[Any]) -> None:
+        """All of `buffers`, in as many gather writes as the socket takes."""
+        sent = self.sock.sendmsg(buffers)
+        total = sum(len(b) for b in buffers)
+        while sent < total:
+            # Drop what went whole; cut the first buffer that went in part.
+            rest = []
+            skip = sent
+            for b in buffers:
+                if skip >= len(b):
+                    skip -= len(b)
+                    continue
+                rest.append(memoryview(b)[skip:] if skip else b)
+                skip = 0
+            buffers, total = rest, total - sent
+            sent = self.sock.sendmsg(buffers)
 
     def _option_reply(self, option: int, kind: int, data: bytes = b"") -> None:
         self.sock.sendall(OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, kind, len(data)) + data)
@@ -605,6 +633,12 @@ class Connection:
                             self._inflight.release()
             except (EOFError, ConnectionError):
                 return  # the client is gone: what is in flight finishes, its replies fail
+            except Disconnect:
+                # A broken framing: a hard disconnect now, not after the
+                # requests in flight (their replies fail and they end).
+                self._broken = True
+                self.sock.shutdown(socket.SHUT_RDWR)
+                return
 
     def _next_request(self) -> tuple[int, int, int, int, int, Any] | None:
         start = self._take(REQUEST.size)
@@ -631,10 +665,10 @@ class Connection:
             try:
                 reply = self._execute(flags, kind, cookie, offset, length, payload)
             except RequestError as exc:
-                reply = self._error_reply(cookie, exc.error, str(exc))
+                reply = (self._error_reply(cookie, exc.error, str(exc)),)
             except OSError as exc:
-                reply = self._error_reply(cookie, nbd_error(exc), str(exc))
-            self._send(reply)
+                reply = (self._error_reply(cookie, nbd_error(exc), str(exc)),)
+            self._send(*reply)
         except OSError:
             # The reply cannot go (the client reset or hung up): stop reading,
             # so the connection ends once what is in flight has finished.
@@ -659,8 +693,8 @@ class Connection:
 
     def _execute(
         self, flags: int, kind: int, cookie: int, offset: int, length: int, payload: Any
-    ) -> Any:
-        """Do the request; return its reply. RequestError for a refusal."""
+    ) -> tuple[Any, ...]:
+        """Do the request; return its reply's buffers. RequestError for a refusal."""
         export = self.export
         fua = bool(flags & CMD_FLAG_FUA)
         if kind == CMD_READ:
@@ -670,13 +704,9 @@ class Connection:
             self._check_range(offset, length, NBD_EINVAL, "read")
             if self.structured:
                 if length == 0:  # a data chunk must carry data: an empty reply
-                    return CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, 0, cookie, 0)
-                head = DATA_CHUNK.size
-                buf = bytearray(head + length)
-                self.io(export.read_into, buf, head, offset, length)
-                DATA_CHUNK.pack_into(
-                    buf,
-                    0,
+                    return (CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, 0, cookie, 0),)
+                data = self.io(export.read, offset, length)
+                head = DATA_CHUNK.pack(
                     STRUCTURED_REPLY_MAGIC,
                     REPLY_FLAG_DONE,
                     REPLY_TYPE_OFFSET_DATA,
@@ -685,11 +715,9 @@ class Connection:
                     offset,
                 )
             else:
-                head = SIMPLE_REPLY.size
-                buf = bytearray(head + length)
-                self.io(export.read_into, buf, head, offset, length)
-                SIMPLE_REPLY.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
-            return buf
+                data = self.io(export.read, offset, length)
+                head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+            return head, data
         if kind == CMD_WRITE:
             self._check_flags(flags, CMD_FLAG_FUA, "WRITE")
             if isinstance(payload, RequestError):
@@ -732,10 +760,10 @@ class Connection:
                 cookie,
                 4 + len(body),
             )
-            return chunk + struct.pack(">I", ALLOCATION_ID) + body
+            return (chunk + struct.pack(">I", ALLOCATION_ID) + body,)
         else:
             raise RequestError(NBD_EINVAL, f"unknown command {kind}")
-        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        return (SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie),)
 
     def _check_flags(self, flags: int, allowed: int, what: str) -> None:
         if flags & ~allowed:

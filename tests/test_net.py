@@ -761,3 +761,35 @@ def test_connect_timeout_on_a_socket() -> None:
         for s in filler:
             s.close()
         listener.close()
+
+
+def test_sendmsg_gathers_buffers_and_waits_for_room() -> None:
+    """Socket.sendmsg sends several buffers in one call; when the peer does not
+    read, it suspends the coroutine (not the thread) until there is room."""
+    a, b = socket.socketpair()
+    b.setblocking(True)
+    big = bytes(range(256)) * 4096  # 1 MiB: more than the socket buffers hold
+    sent: list[int] = []
+
+    def writer() -> None:
+        sock = Socket(a)
+        buffers: list[Any] = [b"head:", big, b":tail"]
+        total = sum(len(x) for x in buffers)
+        n = sock.sendmsg(buffers)
+        sent.append(n)
+        while n < total:  # the rest, as a caller of a gather write does
+            rest = (b"head:" + big + b":tail")[n:]
+            n += sock.sendmsg([rest])
+        sent.append(n)
+        sock.close()
+
+    with IOThread("sendmsg") as t:
+        co = t.ctx.spawn(writer)
+        got = bytearray()
+        while chunk := b.recv(65536):
+            got += chunk
+        co.join(QUICK)
+    b.close()
+    assert bytes(got) == b"head:" + big + b":tail"
+    assert 0 < sent[0] < len(got)  # the first call went in part: the buffer was full
+    assert sent[-1] == len(got)
