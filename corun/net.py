@@ -566,6 +566,18 @@ class Server:
         """How many connections were accepted so far. Thread: any."""
         return self._accepted
 
+    @property
+    def connections(self) -> int:
+        """How many connections are open now (their handlers running). Thread: any."""
+        return len(self._connections)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no connection is open; False if `timeout` seconds pass first.
+
+        Thread: any but the server's own IOThreads (it blocks the thread).
+        """
+        return self._idle.wait(timeout)
+
     def _accept_loop(self) -> None:
         listener = self._listener
         while True:

@@ -250,7 +250,10 @@ class Export:
         return name in (b"", self.name.encode())
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the fd; again is a no-op (never another file's reused fd)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     # The disk operations: plain blocking calls, run on the loop or in a worker.
 
@@ -286,6 +289,8 @@ class Export:
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         # A trim is advisory: where holes cannot be punched, do nothing.
+        if length == 0:
+            return
         try:
             fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
@@ -295,6 +300,8 @@ class Export:
             os.fdatasync(self.fd)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+        if length == 0:
+            return
         modes = [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
         if may_trim:
             modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
@@ -813,7 +820,17 @@ class NBDServer:
 
     @property
     def accepted(self) -> int:
+        """Connections accepted so far."""
         return self._server.accepted
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return self._server.connections
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no connection is open; False on timeout."""
+        return self._server.wait_idle(timeout)
 
     def close(self, grace: float = 2.0) -> None:
         """Stop accepting, let connections finish for `grace` seconds, close the export."""

@@ -793,3 +793,28 @@ def test_sendmsg_gathers_buffers_and_waits_for_room() -> None:
     assert bytes(got) == b"head:" + big + b":tail"
     assert 0 < sent[0] < len(got)  # the first call went in part: the buffer was full
     assert sent[-1] == len(got)
+
+
+def test_server_counts_open_connections_and_waits_until_idle() -> None:
+    release = threading.Event()
+
+    def handler(stream: Stream, addr: Any) -> None:
+        stream.readline()
+        run_in_thread_wait(release)
+
+    with serving(handler) as server:
+        assert server.connections == 0 and server.wait_idle(0)
+        clients = [socket.create_connection(server.address, timeout=QUICK) for _ in range(3)]
+        wait_until(lambda: server.connections == 3)
+        for c in clients:
+            c.sendall(b"x\n")
+        assert not server.wait_idle(0.01)
+        release.set()
+        assert server.wait_idle(QUICK)
+        assert server.connections == 0
+        for c in clients:
+            c.close()
+
+
+def run_in_thread_wait(event: threading.Event) -> None:
+    corun.run_in_thread(event.wait, QUICK)
