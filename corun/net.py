@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -280,6 +281,27 @@ class Socket:
         sent = self.send(view, flags)
         while sent < total:
             sent += self.send(view[sent:], flags)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        """Send `count` bytes of `file` (a file object or an fd) from `offset`, or
+        up to its end; return how many went.
+
+        os.sendfile: the kernel moves the data from the page cache to the
+        socket, with no copy through Python. Waits for room as needed, a
+        cancellation point when it does (then some may have gone). The
+        file's own position is neither used nor moved. Coroutine only.
+        """
+        fd = file if isinstance(file, int) else file.fileno()
+        if offset < 0 or (count is not None and count < 0):
+            raise ValueError(f"{self!r}.sendfile(): negative offset or count")
+        total = 0
+        while count is None or total < count:
+            chunk = 1 << 30 if count is None else min(count - total, 1 << 30)
+            n: int = self._io(_WRITE, "sendfile", os.sendfile, self._fd, fd, offset + total, chunk)
+            if n == 0:
+                break  # the end of the file
+            total += n
+        return total
 
     # -- connections ---------------------------------------------------------------
 

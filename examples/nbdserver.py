@@ -49,7 +49,7 @@ import stat
 import struct
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import corun
 
@@ -151,6 +151,8 @@ MAX_INFLIGHT = 64  # requests in flight per connection before we stop reading
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client gets to finish option haggling
 RECV_BUFFER = 256 * 1024
 IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
+MAX_SPARES = 8  # WRITE buffers a connection keeps for reuse
+SENDFILE_MIN = 64 * 1024  # inline READs this large go by sendfile
 
 OPTION_HEADER = struct.Struct(">QII")  # magic, option, length
 OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
@@ -188,6 +190,13 @@ def nbd_error(exc: OSError) -> int:
     if exc.errno == errno.EINVAL:
         return NBD_EINVAL
     return NBD_EIO
+
+
+class FileRange(NamedTuple):
+    """Reply data that the sender takes straight from the export (sendfile)."""
+
+    offset: int
+    length: int
 
 
 class RequestError(Exception):
@@ -362,6 +371,7 @@ class Connection:
         self.sock = sock
         # Disk I/O: on the loop, or in the context's pool. FLUSH and FUA
         # always go to the pool (a sync can take seconds).
+        self.threads = threads
         self.io: Callable[..., Any] = corun.run_in_thread if threads else _inline
         self.structured = False
         self.allocation = False  # base:allocation selected for BLOCK_STATUS
@@ -370,7 +380,8 @@ class Connection:
         self._view = memoryview(self._buf)
         self._start = 0  # unread bytes are _buf[_start:_end]
         self._end = 0
-        self._outbox: list[Any] = []  # replies waiting for the sender
+        self._outbox: list[Any] = []  # replies waiting for the sender: buffers, FileRanges
+        self._spares: list[Any] = []  # WRITE buffers done with, for the next of the same size
         self._sending = False  # a coroutine is sending the outbox
         self._pending = 0  # requests read and not yet answered
         self._inflight = corun.Semaphore(MAX_INFLIGHT)
@@ -445,15 +456,29 @@ class Connection:
                 corun.sleep(0)  # the cork: let the others of this batch queue theirs
             outbox = self._outbox
             while outbox:
-                batch = outbox[:IOV_MAX]
-                del outbox[:IOV_MAX]
-                self._send_buffers(batch)
+                if type(outbox[0]) is FileRange:
+                    self._send_range(outbox.pop(0))
+                    continue
+                end = 1
+                while end < len(outbox) and end < IOV_MAX and type(outbox[end]) is not FileRange:
+                    end += 1
+                batch = outbox[:end]
+                del outbox[:end]
+                # Data from the file follows: hold this in the socket until it comes.
+                more = socket.MSG_MORE if outbox and type(outbox[0]) is FileRange else 0
+                self._send_buffers(batch, more)
         finally:
             self._sending = False
 
-    def _send_buffers(self, buffers: list[Any]) -> None:
+    def _send_range(self, part: FileRange) -> None:
+        """Part of the export, from the page cache to the socket (sendfile)."""
+        sent = self.sock.sendfile(self.export.fd, part.offset, part.length)
+        if sent < part.length:  # the file shrank under us: the rest reads as zeros
+            self.sock.sendall(bytes(part.length - sent))
+
+    def _send_buffers(self, buffers: list[Any], flags: int = 0) -> None:
         """All of `buffers`, in as many gather writes as the socket takes."""
-        sent = self.sock.sendmsg(buffers)
+        sent = self.sock.sendmsg(buffers, (), flags)
         total = sum(len(b) for b in buffers)
         while sent < total:
             # Drop what went whole; cut the first buffer that went in part.
@@ -466,7 +491,7 @@ class Connection:
                 rest.append(memoryview(b)[skip:] if skip else b)
                 skip = 0
             buffers, total = rest, total - sent
-            sent = self.sock.sendmsg(buffers)
+            sent = self.sock.sendmsg(buffers, (), flags)
 
     def _option_reply(self, option: int, kind: int, data: bytes = b"") -> None:
         self.sock.sendall(OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, kind, len(data)) + data)
@@ -660,7 +685,9 @@ class Connection:
                 self._skip(length)  # stay in step with the stream, then refuse
                 payload = RequestError(NBD_EINVAL, f"write of {length} bytes > {MAX_PAYLOAD}")
             else:
-                payload = memoryview(bytearray(length))
+                spares = self._spares
+                buf = spares.pop() if spares and len(spares[-1]) == length else bytearray(length)
+                payload = memoryview(buf)
                 self._read_into(payload)
         return flags, kind, cookie, offset, length, payload
 
@@ -675,6 +702,11 @@ class Connection:
                 reply = (self._error_reply(cookie, exc.error, str(exc)),)
             except OSError as exc:
                 reply = (self._error_reply(cookie, nbd_error(exc), str(exc)),)
+            if isinstance(payload, memoryview) and len(self._spares) < MAX_SPARES:
+                # The write is over (also in a worker: it returned or raised),
+                # so nothing reads the buffer now: the next WRITE of this size
+                # takes it, not zero-filled memory.
+                self._spares.append(payload.obj)
             self._send(*reply)
         except OSError:
             # The reply cannot go (the client reset or hung up): stop reading,
@@ -712,7 +744,7 @@ class Connection:
             if self.structured:
                 if length == 0:  # a data chunk must carry data: an empty reply
                     return (CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, 0, cookie, 0),)
-                data = self.io(export.read, offset, length)
+                data = self._read(offset, length)
                 head = DATA_CHUNK.pack(
                     STRUCTURED_REPLY_MAGIC,
                     REPLY_FLAG_DONE,
@@ -722,7 +754,7 @@ class Connection:
                     offset,
                 )
             else:
-                data = self.io(export.read, offset, length)
+                data = self._read(offset, length)
                 head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
             return head, data
         if kind == CMD_WRITE:
@@ -771,6 +803,19 @@ class Connection:
         else:
             raise RequestError(NBD_EINVAL, f"unknown command {kind}")
         return (SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie),)
+
+    def _read(self, offset: int, length: int) -> Any:
+        """A READ's data: bytes, or a FileRange the sender takes with sendfile.
+
+        Inline, a large read goes from the page cache to the socket when its
+        reply is sent, with no copy through Python; a small one is a pread,
+        whose bytes join the other replies of the batch in one gather write.
+        With threads, a worker reads it (sendfile would block the loop on a
+        disk read).
+        """
+        if length >= SENDFILE_MIN and not self.threads:
+            return FileRange(offset, length)
+        return self.io(self.export.read, offset, length)
 
     def _check_flags(self, flags: int, allowed: int, what: str) -> None:
         if flags & ~allowed:

@@ -1,13 +1,15 @@
-"""tools/stress.py, tools/bench.py and tools/serverbench.py, run the way a user runs them.
+"""tools/stress.py, bench.py, serverbench.py and nbdbench.py, run the way a user runs them.
 
 Each script runs in a subprocess with this interpreter, as after the
 README's install, on a short budget: the stress storms for half a second
 each (the fault-injection storm too, with and without a SIGINT storm, and
 the queue storm on its own), the bench on its smallest case and on the
-queue hand-off with tiny counts, and the server bench for one short round
-of three servers (skipped without redis-benchmark). In-process tests force
-a failing invariant (of the mutex storm, of the faults storm, of the queue
-storm) to check that it is named and fails the exit status, and one sends
+queue hand-off with tiny counts, the server bench for one short round of
+three servers (skipped without redis-benchmark), and the NBD bench for one
+--quick round of corun and nbdkit (skipped without qemu-img, nbdcopy or
+nbdkit). In-process tests force a failing invariant (of the mutex storm,
+of the faults storm, of the queue storm) to check that it is named and
+fails the exit status, and one sends
 Ctrl-C to check that the summary still comes out. The command lines are checked in-process
 without running anything: each stress command's --help lists its own
 options and its --json keys, options that do not apply and values out of
@@ -171,7 +173,7 @@ def test_bench_json_rows() -> None:
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.parametrize("script", ["stress.py", "bench.py", "serverbench.py"])
+@pytest.mark.parametrize("script", ["stress.py", "bench.py", "serverbench.py", "nbdbench.py"])
 def test_help(script: str) -> None:
     proc = run_tool(script, "--help", timeout=15)
     assert proc.returncode == 0, proc.stderr
@@ -463,11 +465,50 @@ def test_serverbench_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(o["target"] == 1.0 and o["met"] in (True, False) for o in objs if "ratio" in o)
 
 
+NBD_TOOLS = ("qemu-img", "nbdcopy", "nbdkit")
+NBD_TOOLS_MISSING = [tool for tool in NBD_TOOLS if shutil.which(tool) is None]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(
+    bool(NBD_TOOLS_MISSING),
+    reason=f"{', '.join(NBD_TOOLS_MISSING)} not installed (nbdbench.py needs qemu-img, "
+    "nbdcopy and nbdkit; Debian: apt-get install qemu-utils libnbd-bin nbdkit)",
+)
+def test_nbdbench_smoke() -> None:
+    """corun and nbdkit, one --quick round: every case measured, the data check passed."""
+    servers = ("corun-1-inline", "nbdkit")
+    proc = run_tool("nbdbench.py", "--quick", "--servers", ",".join(servers), "--json", timeout=85)
+    # Exit status 0: every case ran, and corun's copy equals the data file at the end.
+    assert proc.returncode == 0, proc.stderr
+    objs = [json.loads(line) for line in proc.stdout.splitlines()]
+    setup = objs[0]["setup"]
+    assert setup["quick"] is True and setup["repeat"] == 1 and setup["size"] == 64 << 20
+    corun_argv = setup["servers"]["corun-1-inline"]
+    assert "examples/nbdserver.py FILE --port 0 --iothreads 1 --io inline" in corun_argv
+    cases = [
+        "read-4k-d1", "read-4k-d16", "write-4k-d1", "write-4k-d16",
+        "seq-read-c1", "seq-read-c4", "seq-write-c1", "seq-write-c4",
+    ]  # fmt: skip
+    rows = [o for o in objs if "server" in o]
+    assert [(r["server"], r["case"]) for r in rows] == [(s, c) for s in servers for c in cases]
+    for r in rows:
+        assert r["error"] is None, r
+        assert len(r["runs"]) == 1 and r["median"] > 0, r
+        assert r["unit"] == ("IOPS" if "4k" in r["case"] else "MB/s")
+    ratios = [o for o in objs if "ratio" in o]
+    assert [(o["numerator"], o["case"]) for o in ratios] == [("corun-1-inline", c) for c in cases]
+    targets = {o["case"]: o["target"] for o in ratios}
+    assert targets["read-4k-d1"] is None and targets["write-4k-d16"] == 0.8
+    assert targets["seq-read-c1"] == targets["seq-write-c4"] == 0.9
+    assert all(o["met"] in (True, False) for o in ratios if o["target"] is not None)
+
+
 # -- the command lines ---------------------------------------------------------
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.parametrize("script", ["stress.py", "bench.py", "serverbench.py"])
+@pytest.mark.parametrize("script", ["stress.py", "bench.py", "serverbench.py", "nbdbench.py"])
 def test_tools_are_executable_scripts(script: str) -> None:
     path = TOOLS / script
     assert path.read_text().startswith("#!/usr/bin/env python3\n")
