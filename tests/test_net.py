@@ -818,3 +818,38 @@ def test_server_counts_open_connections_and_waits_until_idle() -> None:
 
 def run_in_thread_wait(event: threading.Event) -> None:
     corun.run_in_thread(event.wait, QUICK)
+
+
+@pytest.mark.parametrize(
+    ("offset", "count", "expected"),
+    [(0, None, slice(0, None)), (1000, 300_000, slice(1000, 301_000)), (1 << 20, 50, slice(0, 0))],
+    ids=["whole", "range", "past-the-end"],
+)
+def test_sendfile_sends_a_file_range_and_waits_for_room(
+    tmp_path: Any, offset: int, count: int | None, expected: slice
+) -> None:
+    """Socket.sendfile moves a file's bytes to the socket, waiting (as a coroutine)
+    while the peer does not read; it stops at the end of the file."""
+    data = os.urandom(1 << 20)  # more than the socket buffers hold
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    a, b = socket.socketpair()
+    b.setblocking(True)
+    result: list[int] = []
+
+    def sender() -> None:
+        sock = Socket(a)
+        with open(path, "rb") as f:
+            result.append(sock.sendfile(f, offset, count))
+            assert f.tell() == 0  # the file's own position is not used or moved
+        sock.close()
+
+    with IOThread("sendfile") as t:
+        co = t.ctx.spawn(sender)
+        got = bytearray()
+        while chunk := b.recv(65536):
+            got += chunk
+        co.join(QUICK)
+    b.close()
+    assert bytes(got) == data[expected]
+    assert result == [len(got)]
