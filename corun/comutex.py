@@ -27,10 +27,16 @@ and, by the invariant below, serves the head of the queue. A locker that
 loses simply yields: the winner will hand the mutex on. Only the owner of
 `_taken` ever pops, so pops never race.
 
-Spinning. QEMU spins briefly when the holder runs in another thread. Under
-the GIL a spinning thread holds the very lock the holder needs to make
-progress, so spinning cannot help; corun spins only on free-threaded
-builds (see `_SPINS`).
+Spinning. QEMU spins briefly when the holder runs in another thread,
+rather than queue (a queued waiter costs a cross-thread wake-up at every
+hand-off from then on, and hand-offs then chain into a convoy). A spin must
+never starve the holder: with more IOThreads than cores the holder may be
+the one waiting for a processor. So each try first gives the processor
+away: under the GIL, `time.sleep(0)` (which also lets go of the GIL, the
+only way the holder can progress) for 3 tries; on free-threaded builds,
+`os.sched_yield()` for at most `_SPIN_SECONDS`, and a spinner only reads
+the lock while the holder has it, so it does not pull the lock's cache
+line away from the holder at every try (see `_spin`).
 
 Threads: acquire/release from coroutines on any context; `locked()` and
 `holder` from anywhere.
@@ -38,6 +44,7 @@ Threads: acquire/release from coroutines on any context; `locked()` and
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -54,20 +61,22 @@ if TYPE_CHECKING:
     from .coroutine import Coroutine
     from .timer import Timer
 
-# How often a locker retries before it queues, when the holder runs in
-# another thread. Under the GIL the holder can only progress when we let go
-# of the interpreter, so each retry first sleeps for 0 s (which releases
-# the GIL); on free-threaded builds it is a plain retry, as QEMU's spin.
-# Measured with 5 IOThreads hammering one mutex (tools/bench.py mutex):
-# 0 retries collapses into a hand-off convoy with one cross-thread wake-up
-# per lock (about 15x slower); 1 to 10 retries are all alike; 3 it is.
+# How long a locker retries before it queues, when the holder runs in
+# another thread (see "Spinning" above). Measured with 2, 5 and 8 IOThreads
+# hammering one mutex on 2 cores (tools/bench.py --cases mutex).
+# Under the GIL: 3 tries, each after a time.sleep(0) (on Linux that sleeps
+# for the timer slack, about 50-70 us). 0 tries collapses into
+# a hand-off convoy with one cross-thread wake-up per lock (about 15x
+# slower); 1 to 10 are all alike.
+# Free-threaded: tries for up to 200 us, each after an os.sched_yield().
+# Plain retries (no yield) starved a preempted holder as soon as IOThreads
+# outnumbered cores (5 on 2 cores: 0.05x the GIL build's rate); yielding
+# ones run at the rate of an uncontended mutex whatever the number of
+# IOThreads, and a budget of 0.2 to 5 ms made no measurable difference.
 _GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
-_SPINS = 3 if _GIL_ENABLED else 200
-
-
-def _let_others_run() -> None:
-    if _GIL_ENABLED:
-        time.sleep(0)
+_SPINS = 3
+_SPIN_SECONDS = 200e-6
+_yield_processor = os.sched_yield if hasattr(os, "sched_yield") else lambda: time.sleep(0)
 
 
 def _me(lock: object, what: str) -> Coroutine[Any]:
@@ -204,18 +213,8 @@ class CoMutex:
 
     def _acquire_slow(self, co: Coroutine[Any], timeout: float | None, cancellable: bool) -> bool:
         holder = self.holder
-        if holder is not None and holder._thread != co._thread:
-            # The holder runs (or is about to run) in another thread: give it
-            # the processor for a moment rather than queue, which would cost
-            # a cross-thread wake-up per hand-off from now on.
-            for _ in range(_SPINS):
-                _let_others_run()
-                if not self._waiters and self._taken.acquire(False):
-                    self.holder = co
-                    return True
-                holder = self.holder
-                if holder is not None and holder._thread == co._thread:
-                    break
+        if holder is not None and holder._thread != co._thread and self._spin(co):
+            return True
         if cancellable:
             checkpoint(co)  # before we publish ourselves
         if timeout is not None and co.ctx is None:
@@ -235,6 +234,45 @@ class CoMutex:
                 if self._hand_off(head):
                     break
         return self._wait_for_hand_off(co, timeout, cancellable)
+
+    def _spin(self, co: Coroutine[Any]) -> bool:
+        """Retry for a moment while the holder runs in another thread; True if we won.
+
+        Gives up early once the holder is a coroutine of our own thread (it
+        cannot run before we yield). Never takes the mutex past a queued
+        waiter: that one is served first.
+        """
+        taken = self._taken
+        waiters = self._waiters
+        if _GIL_ENABLED:
+            for _ in range(_SPINS):
+                time.sleep(0)  # lets go of the GIL: the holder's only chance to run
+                if not waiters and taken.acquire(False):
+                    self.holder = co
+                    return True
+                holder = self.holder
+                if holder is not None and holder._thread == co._thread:
+                    return False
+            return False
+        deadline = time.perf_counter() + _SPIN_SECONDS
+        tries = 0
+        while True:
+            # Let a holder that waits for a processor have ours.
+            _yield_processor()
+            # locked() is one load. Reading `holder` takes a reference to the
+            # holder's Coroutine (an atomic write to an object its thread
+            # keeps using), so that check is made every 16 tries only.
+            if not taken.locked():
+                if not waiters and taken.acquire(False):
+                    self.holder = co
+                    return True
+            elif not tries & 15:
+                holder = self.holder
+                if holder is not None and holder._thread == co._thread:
+                    return False
+            tries += 1
+            if time.perf_counter() > deadline:
+                return False
 
     def _wait_for_hand_off(
         self, co: Coroutine[Any], timeout: float | None, cancellable: bool

@@ -100,7 +100,7 @@ import threading
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
@@ -1172,6 +1172,55 @@ def _log_exception(ctx: AioContext, exc: BaseException, origin: object) -> None:
     logger.error("exception in %r on %r", origin, ctx, exc_info=exc)
 
 
+class ItemBytes:
+    """A growable array of small counts (0-255) whose entries never move.
+
+    One thread (a producer) appends while other threads write entries it
+    appended earlier. A bytearray does that under the GIL, but it is not
+    thread-safe on free-threaded CPython 3.13: an append that reallocates
+    copies the buffer while another thread stores into the old one, and that
+    store is lost. Here entries live in fixed-size chunks that are never
+    reallocated; growing appends a new chunk to a list (one atomic list
+    append), and each entry still has one writer at a time.
+    """
+
+    CHUNK_BITS = 12
+    CHUNK = 1 << CHUNK_BITS
+
+    __slots__ = ("_chunks", "_len")
+
+    def __init__(self) -> None:
+        self._chunks: list[bytearray] = []
+        self._len = 0  # written by the appending thread only
+
+    def append(self, value: int) -> None:
+        n = self._len
+        if not n & (self.CHUNK - 1):
+            self._chunks.append(bytearray(self.CHUNK))
+        self._chunks[n >> self.CHUNK_BITS][n & (self.CHUNK - 1)] = value
+        self._len = n + 1
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> int:
+        return self._chunks[i >> self.CHUNK_BITS][i & (self.CHUNK - 1)]
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self._chunks[i >> self.CHUNK_BITS][i & (self.CHUNK - 1)] = value
+
+    def __iter__(self) -> Iterator[int]:
+        left = self._len
+        for chunk in list(self._chunks):
+            if left <= 0:
+                return
+            yield from chunk[:left] if left < self.CHUNK else chunk
+            left -= self.CHUNK
+
+    def count(self, value: int) -> int:
+        return sum(1 for v in self if v == value)
+
+
 class FaultStorm(Storm):
     """Faults raised by a share of the work; nothing lost, no loop killed, none deaf.
 
@@ -1193,8 +1242,8 @@ class FaultStorm(Storm):
     while the main loop is inside its `try`, see `_drive`); any other SIGINT
     is the user's Ctrl-C and goes to the tool's handler.
 
-    Item ids are (producer, sequence number); per producer, bytearrays
-    indexed by sequence number hold what happened to each item. Each entry
+    Item ids are (producer, sequence number); per producer, arrays of bytes
+    (ItemBytes) indexed by sequence number hold what happened to each item. Each entry
     is written by one thread at a time: `state` and `kind` by the producer,
     `runs`, `raised` and `reported` by the thread of the context that runs it.
     """
@@ -1237,15 +1286,15 @@ class FaultStorm(Storm):
         self.callback_codes = [self.fault_classes.index(c) + 1 for c in CALLBACK_FAULTS]
         self.coroutine_codes = [self.fault_classes.index(c) + 1 for c in COROUTINE_FAULTS]
         n = producers
-        self.state = [bytearray() for _ in range(n)]
-        self.kind = [bytearray() for _ in range(n)]
-        self.fault = [bytearray() for _ in range(n)]  # planned fault class code, 0: none
-        self.runs = [bytearray() for _ in range(n)]
-        self.raised = [bytearray() for _ in range(n)]
-        self.reported = [bytearray() for _ in range(n)]
+        self.state = [ItemBytes() for _ in range(n)]
+        self.kind = [ItemBytes() for _ in range(n)]
+        self.fault = [ItemBytes() for _ in range(n)]  # planned fault class code, 0: none
+        self.runs = [ItemBytes() for _ in range(n)]
+        self.raised = [ItemBytes() for _ in range(n)]
+        self.reported = [ItemBytes() for _ in range(n)]
         # 1: a producer's spawn().join() got the fault (API.md lets the
         # project decide whether the handler hears of it too).
-        self.retrieved = [bytearray() for _ in range(n)]
+        self.retrieved = [ItemBytes() for _ in range(n)]
         # accepted[p][i]: items producer p got accepted by context i (the
         # closing IOThread is the last index); ran[i]: items context i ran.
         self.accepted: list[list[int]] = []
@@ -1297,7 +1346,7 @@ class FaultStorm(Storm):
 
     # -- the work ------------------------------------------------------------
 
-    def _bump(self, counts: bytearray, seq: int) -> None:
+    def _bump(self, counts: ItemBytes, seq: int) -> None:
         if counts[seq] < 255:
             counts[seq] += 1
 
