@@ -151,7 +151,8 @@ MAX_INFLIGHT = 64  # requests in flight per connection before we stop reading
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client gets to finish option haggling
 RECV_BUFFER = 256 * 1024
 IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
-MAX_SPARES = 8  # WRITE buffers a connection keeps for reuse
+SPARE_BYTES = 32 * 1024 * 1024  # WRITE buffers a connection keeps for reuse (the
+# reader runs up to MAX_INFLIGHT requests ahead: a few spares would not do)
 SENDFILE_MIN = 64 * 1024  # inline READs this large go by sendfile
 
 OPTION_HEADER = struct.Struct(">QII")  # magic, option, length
@@ -382,6 +383,7 @@ class Connection:
         self._end = 0
         self._outbox: list[Any] = []  # replies waiting for the sender: buffers, FileRanges
         self._spares: list[Any] = []  # WRITE buffers done with, for the next of the same size
+        self._spare_bytes = 0
         self._sending = False  # a coroutine is sending the outbox
         self._pending = 0  # requests read and not yet answered
         self._inflight = corun.Semaphore(MAX_INFLIGHT)
@@ -686,7 +688,11 @@ class Connection:
                 payload = RequestError(NBD_EINVAL, f"write of {length} bytes > {MAX_PAYLOAD}")
             else:
                 spares = self._spares
-                buf = spares.pop() if spares and len(spares[-1]) == length else bytearray(length)
+                if spares and len(spares[-1]) == length:
+                    buf = spares.pop()
+                    self._spare_bytes -= length
+                else:
+                    buf = bytearray(length)
                 payload = memoryview(buf)
                 self._read_into(payload)
         return flags, kind, cookie, offset, length, payload
@@ -702,11 +708,12 @@ class Connection:
                 reply = (self._error_reply(cookie, exc.error, str(exc)),)
             except OSError as exc:
                 reply = (self._error_reply(cookie, nbd_error(exc), str(exc)),)
-            if isinstance(payload, memoryview) and len(self._spares) < MAX_SPARES:
+            if isinstance(payload, memoryview) and self._spare_bytes + length <= SPARE_BYTES:
                 # The write is over (also in a worker: it returned or raised),
                 # so nothing reads the buffer now: the next WRITE of this size
                 # takes it, not zero-filled memory.
                 self._spares.append(payload.obj)
+                self._spare_bytes += length
             self._send(*reply)
         except OSError:
             # The reply cannot go (the client reset or hung up): stop reading,
