@@ -385,8 +385,11 @@ class Connection:
         self._spares: list[Any] = []  # WRITE buffers done with, for the next of the same size
         self._spare_bytes = 0
         self._sending = False  # a coroutine is sending the outbox
-        self._pending = 0  # requests read and not yet answered
-        self._inflight = corun.Semaphore(MAX_INFLIGHT)
+        # Requests read and not yet answered. Every request is a coroutine of
+        # the connection's context, so a plain int will do; the reader waits
+        # on _room when MAX_INFLIGHT are in flight.
+        self._pending = 0
+        self._room = corun.Event()
         self._broken = False
 
     # -- reading ----------------------------------------------------------------
@@ -652,19 +655,18 @@ class Connection:
         with corun.TaskGroup() as group:
             try:
                 while not self._broken:
-                    self._inflight.acquire()  # back-pressure: stop reading at MAX_INFLIGHT
-                    request, spawned = None, False
+                    while self._pending >= MAX_INFLIGHT:  # back-pressure: stop reading
+                        self._room.clear()
+                        self._room.wait()
+                    request = self._next_request()
+                    if request is None:
+                        return  # DISC: the group waits for the requests in flight
+                    self._pending += 1
                     try:
-                        request = self._next_request()
-                        if request is None:
-                            return  # DISC: the group waits for the requests in flight
-                        self._pending += 1
                         group.spawn(self._run, *request)
-                        spawned = True
-                    finally:
-                        if not spawned:  # _run gives them back otherwise
-                            self._pending -= request is not None
-                            self._inflight.release()
+                    except BaseException:
+                        self._pending -= 1
+                        raise
             except (EOFError, ConnectionError):
                 return  # the client is gone: what is in flight finishes, its replies fail
             except Disconnect:
@@ -725,7 +727,8 @@ class Connection:
                 pass
         finally:
             self._pending -= 1
-            self._inflight.release()
+            if self._pending == MAX_INFLIGHT - 1:
+                self._room.set()  # the reader may be waiting for room
 
     def _check_range(self, offset: int, length: int, error: int, what: str) -> None:
         if offset + length > self.export.size:
