@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from greenlet import getcurrent
 
 from .context import wake
-from .coroutine import Cancelled, _report, _suspend, checkpoint, park
+from .coroutine import Cancelled, _report, _suspend, checkpoint, held_locks, park
 
 if TYPE_CHECKING:
     from .coroutine import Coroutine
@@ -99,12 +99,7 @@ def _unlink_held(co: Coroutine[Any], mutex: CoMutex) -> None:
 
 def held_by(co: Coroutine[Any]) -> list[CoMutex]:
     """The CoMutexes `co` holds, latest first."""
-    out = []
-    node = co._held
-    while node is not None:
-        out.append(node)
-        node = node._next_held
-    return out
+    return [lock for lock in held_locks(co) if isinstance(lock, CoMutex)]
 
 
 def _expire(co: Coroutine[Any], withdraw: Callable[[], bool], expired: list[bool]) -> None:

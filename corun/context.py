@@ -47,11 +47,15 @@ from .bh import SCHEDULED, BottomHalf
 from .coroutine import (
     _FINISHED,
     FATAL,
+    Cancelled,
     Coroutine,
     _CoGreenlet,
+    _defer,
     _enter,
     _finished,
+    _layer_above,
     _prepare,
+    _release_quietly,
     _settle,
     _take_back,
     _unwind,
@@ -420,8 +424,7 @@ class AioContext:
             if self._closed and self._refuses():
                 raise self._refusal(f"call_sync({fn!r})")
             return fn(*args, **kwargs)
-        from .waiter import Waiter
-
+        Waiter = _layer_above.Waiter
         me = current_coroutine()
         if me is not None and me.ctx is None:
             raise RuntimeError(
@@ -1104,8 +1107,6 @@ class AioContext:
         Coroutines queued to start or resume finish as cancelled, so that
         their joiners are told rather than left waiting. Cold path.
         """
-        from .coroutine import Cancelled
-
         dropped: list[object] = []
         while True:
             try:
@@ -1208,45 +1209,6 @@ def _finish_interrupted_close(ctx: AioContext | None) -> None:
         ctx._release_resources()
         if _thread._tls.ctx is ctx:
             _thread._tls.ctx = None
-
-
-def _release_quietly(lock: threading.Lock) -> None:
-    """Release `lock` if it is held. Only the home thread releases the ones used here."""
-    try:
-        lock.release()
-    except RuntimeError:
-        pass
-
-
-def _defer(me: Coroutine[Any], co: Coroutine[Any]) -> None:
-    """Queue `co` to be entered after `me`, the running coroutine, yields.
-
-    QEMU: the co_queue_wakeup half of aio_co_enter. Thread: home.
-    """
-    if me is co:
-        raise RuntimeError(f"{co!r} cannot wake itself")
-    co._check_enterable("wake", me._thread)
-    try:
-        if not co._sched.acquire(False):
-            raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
-        co._sched_where = me  # rendered by Coroutine._where() only on error
-        wakeups = me._wakeups
-        if wakeups is None:
-            me._wakeups = [co]
-        else:
-            wakeups.append(co)
-    except BaseException as exc:
-        # Interrupted between taking the flag and queueing (same thread as
-        # every other user of me._wakeups: this check is exact).
-        if (
-            not isinstance(exc, Exception)
-            and co._sched.locked()
-            and co._sched_where in (None, me)
-            and co not in (me._wakeups or ())
-        ):
-            co._sched_where = None
-            _release_quietly(co._sched)
-        raise
 
 
 def wake(co: Coroutine[Any]) -> None:

@@ -173,9 +173,10 @@ class Coroutine(Generic[T]):
         # so it does not also go to the exception handler.
         self._exc_owned = False
         self._waiters: list[Any] | None = None
-        # The latest CoMutex it holds, the head of a chain through
-        # CoMutex._next_held, so that finishing while holding one is reported
-        # instead of leaking the lock silently.
+        # The latest lock it holds, the head of the chain of held locks (see
+        # held_locks()), so that finishing while holding one is reported
+        # instead of leaking the lock silently. QEMU keeps a bare locks_held
+        # counter; a chain costs no more and can name the locks.
         self._held: Any = None
         # The contextvars it runs in: a copy of its creator's (as asyncio tasks).
         self._context = copy_context()
@@ -314,9 +315,7 @@ class Coroutine(Generic[T]):
             self._live_in = None
             live_in._live.discard(self)
         if self._held is not None:
-            from .comutex import held_by
-
-            held = ", ".join(repr(m) for m in held_by(self))
+            held = ", ".join(repr(lock) for lock in held_locks(self))
             _report(
                 self.ctx,
                 RuntimeError(
@@ -347,8 +346,6 @@ class Coroutine(Generic[T]):
                 # enters joiners one after another (a chain of joins must
                 # not nest, as any chain of wakes).
                 if waiter.cancel():
-                    from .context import _defer
-
                     _defer(self, joiner)
             else:
                 waiter.fire()
@@ -473,10 +470,9 @@ class Coroutine(Generic[T]):
         thread that owns `self.ctx`, which runs that context's loop meanwhile.
         TimeoutError after `timeout` seconds. Thread: any.
         """
-        from .waiter import Waiter
-
         if self.done:
             return self.result()
+        Waiter = _layer_above.Waiter
         me = current_coroutine()
         if me is self:
             raise RuntimeError(f"{self!r} cannot join itself")
@@ -531,6 +527,43 @@ class Coroutine(Generic[T]):
                 ctx._check_poll()
                 ctx._pass(remaining)
         return self.result()
+
+
+def held_locks(co: Coroutine[Any]) -> list[Any]:
+    """The locks `co` holds, latest first.
+
+    The kernel's whole knowledge of locks (QEMU keeps a `locks_held`
+    counter on the coroutine): a lock that wants its holder's finish
+    checked links itself in on acquire - `lock._next_held = co._held;
+    co._held = lock` - and out on release. Thread: any (a snapshot).
+    """
+    out = []
+    node = co._held
+    while node is not None:
+        out.append(node)
+        node = node._next_held
+    return out
+
+
+class _LayerAbove:
+    """What the kernel's own API borrows from the layer above it, registered from there.
+
+    `Coroutine.join()` and `AioContext.call_sync()` wait on a
+    `corun.waiter.Waiter`, which is built on this kernel (wake, park):
+    waiter.py registers the class here when it is imported, so the kernel
+    never imports upward. `corun/__init__.py` imports every module, so it
+    is always there by the time anyone can call join().
+    """
+
+    Waiter: Any = None
+
+
+_layer_above = _LayerAbove()
+
+
+def register_waiter(waiter_class: Any) -> None:
+    """Called once by corun.waiter: the class join() and call_sync() wait with."""
+    _LayerAbove.Waiter = waiter_class
 
 
 def _report(ctx: AioContext | None, exc: BaseException, origin: object) -> None:
@@ -934,6 +967,45 @@ def _requeue(
         c._sched_where = ctx
         ctx._ready.appendleft(c)
     ctx.notify()
+
+
+def _release_quietly(lock: threading.Lock) -> None:
+    """Release `lock` if it is held. Only the home thread releases the ones used here."""
+    try:
+        lock.release()
+    except RuntimeError:
+        pass
+
+
+def _defer(me: Coroutine[Any], co: Coroutine[Any]) -> None:
+    """Queue `co` to be entered after `me`, the running coroutine, yields.
+
+    QEMU: the co_queue_wakeup half of aio_co_enter. Thread: home.
+    """
+    if me is co:
+        raise RuntimeError(f"{co!r} cannot wake itself")
+    co._check_enterable("wake", me._thread)
+    try:
+        if not co._sched.acquire(False):
+            raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
+        co._sched_where = me  # rendered by Coroutine._where() only on error
+        wakeups = me._wakeups
+        if wakeups is None:
+            me._wakeups = [co]
+        else:
+            wakeups.append(co)
+    except BaseException as exc:
+        # Interrupted between taking the flag and queueing (same thread as
+        # every other user of me._wakeups: this check is exact).
+        if (
+            not isinstance(exc, Exception)
+            and co._sched.locked()
+            and co._sched_where in (None, me)
+            and co not in (me._wakeups or ())
+        ):
+            co._sched_where = None
+            _release_quietly(co._sched)
+        raise
 
 
 def yield_() -> None:
