@@ -1,5 +1,8 @@
 """corun: QEMU's coroutines and AioContext event loops for Python, on greenlets."""
 
+# First: importing _mode chooses between the compiled and the pure-Python
+# kernel, before any kernel module loads.
+from . import _mode
 from .bh import BottomHalf
 from .channel import Queue, QueueEmpty, QueueFull, QueueShutDown
 from .comutex import CoMutex
@@ -19,6 +22,10 @@ from .sync import BoundedSemaphore, Event, Semaphore
 from .taskgroup import TaskGroup
 from .threadpool import run_in_thread
 from .timer import Timer
+
+#: True when the compiled (Cython) kernel runs, False for pure Python (see
+#: corun/_mode.py: CORUN_PURE_PYTHON=1 forces pure Python).
+compiled: bool = _mode.is_compiled()
 
 # The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0.dev0"

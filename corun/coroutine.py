@@ -41,14 +41,24 @@ from time import monotonic as _monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from greenlet import getcurrent, greenlet
+from greenlet import greenlet
 
-from . import _thread
+from . import _mode, _thread
 
 if TYPE_CHECKING:
     from .context import AioContext
 
 T = TypeVar("T")
+
+# Greenlet's primitives. Compiled, these are greenlet's C API (inline
+# functions that coroutine.pxd cimports from _greenlet.pxd); in pure Python,
+# greenlet's own functions. Bound without an assignment statement, which
+# Cython refuses for names its .pxd declares.
+getcurrent: Callable[[], greenlet]
+_switch: Callable[[greenlet], Any]
+_greenlet_init: Callable[[], None]
+globals().update(_mode.greenlet_primitives())
+_greenlet_init()
 
 logger = logging.getLogger("corun")
 
@@ -98,10 +108,12 @@ def _describe_thread(ident: int | None) -> str:
     return f"#{ident}"
 
 
-class Coroutine(Generic[T]):
-    """A coroutine that will run `fn(*args, **kwargs)`; creating it does not run it.
+class _CoroutineBase:
+    """The state and the methods of a Coroutine that do not depend on its result type.
 
-    Thread: any.
+    A separate base because compiled (see coroutine.pxd) it is an extension
+    type, whose fields are C struct members, and an extension type cannot
+    derive from typing.Generic; `Coroutine` adds the generic part.
     """
 
     __slots__ = (
@@ -269,22 +281,26 @@ class Coroutine(Generic[T]):
         """
         g = self._greenlet
         ctx = self._live_in
+        # `_sched_where is not None` stands for `_sched.locked()` (a C call):
+        # every taker of _sched sets it right after taking it and clears it
+        # right before giving it back, and a schedule() racing this check
+        # from another thread is a race either test loses.
         if (
             g is None
             or ctx is None
             or ctx._closed
             or self._caller is not None
-            or self._sched.locked()
+            or self._sched_where is not None
             or self.done
         ):
             # The uncommon cases (first enter, no context, misuse).
             self._check_enterable("enter", threading.get_ident())
-            _enter(_thread._tls.ctx, self, explicit=True)
+            _enter(_thread._tls.ctx, self, explicit=True)  # type: ignore[arg-type]
             return
         current = getcurrent()
         if g.parent is not current:
             # Re-parent, or refuse a coroutine of another thread.
-            _enter(ctx, self, explicit=True)
+            _enter(ctx, self, explicit=True)  # type: ignore[arg-type]
             return
         # Fast path: suspended, of this thread (its parent is our greenlet),
         # living in an open context, which is therefore this thread's.
@@ -292,13 +308,13 @@ class Coroutine(Generic[T]):
         started = None
         try:
             self._caller = current
-            result = (started := g).switch()
+            result = _switch(started := g)
             if result is _FINISHED:
-                _finished(ctx, self, g)
+                _finished(ctx, self, g)  # type: ignore[arg-type]
             if self.done or self._wakeups is not None:
-                _settle(ctx, self, current, explicit=True)
+                _settle(ctx, self, current, explicit=True)  # type: ignore[arg-type]
         except BaseException as exc:
-            _unwind(ctx, self, started is g, exc)
+            _unwind(ctx, self, started is g, exc)  # type: ignore[arg-type]
             raise
 
     def _finish(self, result: Any, exc: BaseException | None) -> None:
@@ -315,7 +331,7 @@ class Coroutine(Generic[T]):
             self._live_in = None
             live_in._live.discard(self)
         if self._held is not None:
-            held = ", ".join(repr(lock) for lock in held_locks(self))
+            held = ", ".join(repr(lock) for lock in held_locks(self))  # type: ignore[arg-type]
             _report(
                 self.ctx,
                 RuntimeError(
@@ -346,7 +362,7 @@ class Coroutine(Generic[T]):
                 # enters joiners one after another (a chain of joins must
                 # not nest, as any chain of wakes).
                 if waiter.cancel():
-                    _defer(self, joiner)
+                    _defer(self, joiner)  # type: ignore[arg-type]
             else:
                 waiter.fire()
         except Exception as exc:
@@ -355,18 +371,6 @@ class Coroutine(Generic[T]):
             _report(self.ctx, exc, self)
 
     # -- results -----------------------------------------------------------
-
-    def result(self) -> T:
-        """The return value, or raise the exception, of a finished coroutine. Thread: any."""
-        if not self.done:
-            raise RuntimeError(f"{self!r} has not finished")
-        exc = self._exc
-        if exc is not None:
-            self._retrieved()
-            # Re-raise with the traceback it finished with, so that joining
-            # often does not grow it.
-            raise exc.with_traceback(self._tb)
-        return self._result  # type: ignore[return-value]
 
     def exception(self) -> BaseException | None:
         """The exception a finished coroutine raised, or None. Thread: any."""
@@ -463,6 +467,42 @@ class Coroutine(Generic[T]):
                 waiters = self._waiters
         waiters.append(waiter)
 
+    def _drop_waiter(self, waiter: Any) -> None:
+        """A joiner gave up (timeout, cancel): do not keep its waiter until we finish."""
+        waiters = self._waiters
+        if waiters is not None:
+            try:
+                waiters.remove(waiter)
+            except ValueError:
+                pass
+
+
+class Coroutine(_CoroutineBase, Generic[T]):
+    """A coroutine that will run `fn(*args, **kwargs)`; creating it does not run it.
+
+    Thread: any.
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self, fn: Callable[..., T], /, *args: Any, name: str | None = None, **kwargs: Any
+        ) -> None: ...
+
+    def result(self) -> T:
+        """The return value, or raise the exception, of a finished coroutine. Thread: any."""
+        if not self.done:
+            raise RuntimeError(f"{self!r} has not finished")
+        exc = self._exc
+        if exc is not None:
+            self._retrieved()
+            # Re-raise with the traceback it finished with, so that joining
+            # often does not grow it.
+            raise exc.with_traceback(self._tb)
+        return self._result  # type: ignore[return-value]
+
     def join(self, timeout: float | None = None) -> T:
         """Wait until the coroutine is done; return its result or raise its exception.
 
@@ -503,15 +543,6 @@ class Coroutine(Generic[T]):
             raise
         self._drop_waiter(waiter)
         raise TimeoutError(f"{self!r} did not finish within {timeout} s")
-
-    def _drop_waiter(self, waiter: Any) -> None:
-        """A joiner gave up (timeout, cancel): do not keep its waiter until we finish."""
-        waiters = self._waiters
-        if waiters is not None:
-            try:
-                waiters.remove(waiter)
-            except ValueError:
-                pass
 
     def _join_running_loop(self, ctx: AioContext, timeout: float | None) -> T:
         if timeout is None:
@@ -585,7 +616,7 @@ FATAL = (KeyboardInterrupt, SystemExit)
 # - a queue is consumed by a `for` over `iter(q.popleft, END)`: the pop and
 #   the store into the loop variable happen in one bytecode, with no point
 #   where a signal handler could run in between;
-# - `(started := co)._greenlet.switch()` stores the marker in the same
+# - `_switch((started := co)._greenlet)` stores the marker in the same
 #   expression that switches, with no such point in between; likewise
 #   `(released := co)._sched.release()`;
 # - the except clause compares those markers with the item in hand and puts
@@ -612,7 +643,7 @@ def _enter(ctx: AioContext | None, co: Coroutine[Any], explicit: bool) -> None:
     started = None
     try:
         co._caller = current
-        result = (started := g).switch()
+        result = _switch(started := g)
         if result is _FINISHED:
             _finished(ctx, co, g)
         if co.done or co._wakeups is not None:
@@ -682,7 +713,8 @@ def _trampoline() -> None:
     while True:
         # The coroutine arrives through g.co, not as an argument: greenlet
         # keeps run's first arguments alive as long as the greenlet lives.
-        co: Any = getcurrent().co  # type: ignore[attr-defined]
+        g: Any = getcurrent()
+        co = g.co
         fn = co._fn
         args = co._args
         kwargs = co._kwargs
@@ -713,12 +745,11 @@ def _trampoline() -> None:
         else:
             co._result = result
         caller = co._caller
-        # Keep nothing alive while idle in the pool.
-        fn = args = kwargs = result = co = None
+        # Keep nothing alive while idle in the pool (g itself least of all: a
+        # greenlet whose suspended frame refers to it is a cycle that is never
+        # collected). g.co None also tells _reconcile that fn is over.
+        fn = args = kwargs = result = co = g.co = g = None
         caller.switch(_FINISHED)
-
-
-_TRAMPOLINE_CODE = _trampoline.__code__
 
 
 def _finished(ctx: AioContext | None, co: Coroutine[Any], g: _CoGreenlet) -> None:
@@ -809,8 +840,7 @@ def _reconcile(ctx: AioContext | None, co: Coroutine[Any]) -> None:
     g = co._greenlet
     if co.done or g is None:
         return
-    frame = g.gr_frame
-    if frame is not None and frame.f_code is _TRAMPOLINE_CODE:
+    if g.co is None and not g.dead:  # waits in the trampoline's last switch
         _finished(ctx, co, g)
         exc = co._exc
         if exc is not None and not co._exc_owned and exc.__class__ is not Cancelled:
@@ -881,7 +911,7 @@ def _settle(ctx: AioContext | None, co: Coroutine[Any], current: greenlet, expli
             try: (released := to)._sched.release()  # noqa: E701
             except RuntimeError:
                 pass  # released by an interrupted schedule() (_unschedule_interrupted)
-            result = (started := to)._greenlet.switch()  # type: ignore[union-attr]
+            result = _switch((started := to)._greenlet)  # type: ignore[arg-type]
             if result is _FINISHED:
                 _finished(ctx, to, g)
             _absorb(ctx, to, pending, False)
@@ -1021,7 +1051,7 @@ def yield_() -> None:
         raise RuntimeError("yield_() called outside a coroutine") from None
     caller = co._caller
     co._caller = None
-    caller.switch()  # type: ignore[union-attr]
+    _switch(caller)  # type: ignore[arg-type]
     if co._cancel is not None:
         raise co._take_cancel()
 
@@ -1043,7 +1073,7 @@ def _suspend(co: Coroutine[Any], what: object = None) -> None:
     co._since = _monotonic()
     caller = co._caller
     co._caller = None
-    caller.switch()  # type: ignore[union-attr]
+    _switch(caller)  # type: ignore[arg-type]
     co._abort = None
     co._waiting = None
 
@@ -1072,7 +1102,7 @@ def park(co: Coroutine[Any], abort: Callable[[], bool] | None, what: object = No
     co._since = _monotonic()
     caller = co._caller
     co._caller = None
-    caller.switch()  # type: ignore[union-attr]
+    _switch(caller)  # type: ignore[arg-type]
     co._abort = None
     co._waiting = None
     if co._cancel is not None:

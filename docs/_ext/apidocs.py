@@ -137,6 +137,15 @@ def _own_members(cls: type) -> Iterator[tuple[str, str | None]]:
             yield name, doc
 
 
+def _with_private_bases(cls: type) -> list[type]:
+    """`cls` and the private classes of corun in its MRO."""
+    return [cls] + [
+        base
+        for base in cls.__mro__[1:]
+        if base.__module__.startswith("corun.") and base.__name__.startswith("_")
+    ]
+
+
 def public_api() -> list[tuple[str, str | None]]:
     """(qualified name, docstring or None) of every public name of corun."""
     import corun
@@ -147,8 +156,11 @@ def public_api() -> list[tuple[str, str | None]]:
         own_doc = obj.__doc__ if inspect.isclass(obj) else inspect.getdoc(obj)
         out.append((f"corun.{name}", own_doc))
         if inspect.isclass(obj) and obj not in _INHERITED_FROM:
-            for member, doc in _own_members(obj):
-                out.append((f"corun.{name}.{member}", doc))
+            # With the private corun bases it is built on (Coroutine's
+            # _CoroutineBase: see corun/coroutine.py), which it documents.
+            for cls in _with_private_bases(obj):
+                for member, doc in _own_members(cls):
+                    out.append((f"corun.{name}.{member}", doc))
     return out
 
 
