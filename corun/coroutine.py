@@ -690,8 +690,6 @@ def _bind(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> _CoG
             g.parent = current
     else:
         g = _CoGreenlet(_trampoline)  # its parent is `current`
-    # The contextvars the coroutine runs in (a pooled greenlet keeps none).
-    g.gr_context = to._context
     g.co = to
     to._greenlet = g
     to._thread = ctx._thread if ctx is not None else threading.get_ident()
@@ -715,6 +713,11 @@ def _trampoline() -> None:
         # keeps run's first arguments alive as long as the greenlet lives.
         g: Any = getcurrent()
         co = g.co
+        # The contextvars the coroutine runs in. Set here, by the greenlet
+        # itself: greenlet refuses to set the context of a greenlet that is
+        # suspended with no Python frame (in the compiled trampoline), which
+        # it takes for one running in another thread.
+        g.gr_context = co._context
         fn = co._fn
         args = co._args
         kwargs = co._kwargs
