@@ -66,7 +66,19 @@ def _extensions() -> list[Extension]:
         )
     except Exception as exc:  # Cython refused the sources: stay pure
         _say(f"pure-Python kernel (Cython failed: {exc})")
+        _remove_stale()
         return []
+
+
+def _remove_stale() -> None:
+    """Remove extensions an earlier in-place build left: they would be out of date."""
+    import importlib.machinery
+
+    for name in KERNEL:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join("corun", name + suffix)
+            if os.path.exists(path):
+                os.remove(path)
 
 
 class OptionalBuildExt(build_ext):
@@ -87,9 +99,10 @@ class OptionalBuildExt(build_ext):
     def _give_up(self, exc: Exception) -> None:
         _say(f"pure-Python kernel (compiling failed: {exc})")
         for ext in self.extensions:
-            for path in (self.get_ext_fullpath(ext.name),):
-                if os.path.exists(path):
-                    os.remove(path)
+            path = self.get_ext_fullpath(ext.name)
+            if os.path.exists(path):
+                os.remove(path)
+        _remove_stale()
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

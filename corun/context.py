@@ -53,6 +53,7 @@ from .coroutine import (
     _defer,
     _enter,
     _finished,
+    _KernelContext,
     _layer_above,
     _prepare,
     _release_quietly,
@@ -85,7 +86,7 @@ IDLE_BH_DELAY = 0.010
 ExceptionHandler = Callable[["AioContext", BaseException, object], object]
 
 
-class AioContext:
+class AioContext(_KernelContext):
     """An event-loop context owned by the calling thread. Thread: any."""
 
     def __init__(self, name: str | None = None) -> None:

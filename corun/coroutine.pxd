@@ -9,8 +9,20 @@ from corun._greenlet cimport switch as _switch
 from corun._greenlet cimport greenlet_init as _greenlet_init
 
 
+cdef class _CoroutineBase
+
+
 cdef class _CoGreenlet(greenlet):
-    cdef public object co
+    cdef public _CoroutineBase co
+    cdef public object owner
+
+
+cdef class _KernelContext:
+    cdef public bint _closed
+    cdef public Py_ssize_t _co_entered
+    cdef public list _co_pool
+    cdef public set _live
+    cdef public object _thread
 
 
 cdef class _CoroutineBase:
@@ -23,11 +35,11 @@ cdef class _CoroutineBase:
     cdef public object _kwargs
     cdef public _CoGreenlet _greenlet
     cdef public object _thread
-    cdef public object _caller
+    cdef public greenlet _caller
     cdef public object _sched
     cdef public object _sched_where
     cdef public object _wakeups
-    cdef public object _live_in
+    cdef public _KernelContext _live_in
     cdef public object _result
     cdef public object _exc
     cdef public object _tb
@@ -42,19 +54,19 @@ cdef class _CoroutineBase:
     cdef public object _since
     cdef public object _unretrieved
 
-    @cython.locals(g=_CoGreenlet, current=greenlet)
+    @cython.locals(g=_CoGreenlet, current=greenlet, ctx=_KernelContext)
     cpdef enter(self)
 
 
-cpdef _finished(ctx, _CoroutineBase co, _CoGreenlet g)
+cpdef _finished(_KernelContext ctx, _CoroutineBase co, _CoGreenlet g)
 
 @cython.locals(g=_CoGreenlet)
-cpdef _CoGreenlet _prepare(ctx, _CoroutineBase to, greenlet current)
+cpdef _CoGreenlet _prepare(_KernelContext ctx, _CoroutineBase to, greenlet current)
 
 @cython.locals(current=greenlet, g=_CoGreenlet)
-cpdef _enter(ctx, _CoroutineBase co, bint explicit)
+cpdef _enter(_KernelContext ctx, _CoroutineBase co, bint explicit)
 
-@cython.locals(co=_CoroutineBase, caller=greenlet)
+@cython.locals(g=_CoGreenlet, co=_CoroutineBase, caller=greenlet)
 cpdef yield_()
 
 @cython.locals(caller=greenlet)

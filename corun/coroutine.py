@@ -82,10 +82,37 @@ if hasattr(os, "register_at_fork"):
 
 
 class _CoGreenlet(greenlet):
-    """The greenlet of a corun coroutine; `co` points back to it (None while pooled)."""
+    """The greenlet of a corun coroutine; `co` points back to it (None while pooled).
 
-    __slots__ = ("co",)
+    `owner` mirrors greenlet's `parent`, which corun alone sets (always
+    parent first, so a stale mirror only sends enter() down its slow path):
+    enter() reads a slot instead of calling greenlet's parent getter.
+    """
+
+    __slots__ = ("co", "owner")
     co: Coroutine[Any] | None
+    owner: greenlet
+
+
+class _KernelContext:
+    """The state of an AioContext that the coroutine kernel reads and writes.
+
+    AioContext (context.py) derives from it. Kept here so that the kernel
+    needs no import of the loop built on it, and so that, compiled, these
+    are C fields that enter() reads directly (see coroutine.pxd).
+    """
+
+    __slots__ = ("_closed", "_co_entered", "_co_pool", "_live", "_thread")
+    # Invariants (see AioContext): _closed is set once, when close() starts.
+    _closed: bool
+    # How many times a coroutine was entered here (stats()['co_entered']).
+    _co_entered: int
+    # Greenlets of finished coroutines, for new ones (POOL_SIZE).
+    _co_pool: list[_CoGreenlet]
+    # Coroutines that started here and have not finished (for close()).
+    _live: set[Coroutine[Any]]
+    # The ident of the home thread.
+    _thread: int
 
 
 class Cancelled(BaseException):
@@ -298,7 +325,7 @@ class _CoroutineBase:
             _enter(_thread._tls.ctx, self, explicit=True)  # type: ignore[arg-type]
             return
         current = getcurrent()
-        if g.parent is not current:
+        if g.owner is not current:
             # Re-parent, or refuse a coroutine of another thread.
             _enter(ctx, self, explicit=True)  # type: ignore[arg-type]
             return
@@ -658,12 +685,13 @@ def _prepare(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> _
     g = to._greenlet
     if g is None:
         g = _bind(ctx, to, current)
-    elif g.parent is not current:
+    elif g.owner is not current:
         try:
             g.parent = current
         except ValueError:  # greenlet refuses a parent from another thread
             to._check_enterable("enter", threading.get_ident())
             raise
+        g.owner = current
     # Invariant: _live_in is ctx implies ctx is already the home context.
     if to._live_in is not ctx:
         _rehome(to, ctx)
@@ -686,10 +714,12 @@ def _bind(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> _CoG
     pool = ctx._co_pool if ctx is not None else None
     if pool:
         g = pool.pop()
-        if g.parent is not current:
+        if g.owner is not current:
             g.parent = current
+            g.owner = current
     else:
         g = _CoGreenlet(_trampoline)  # its parent is `current`
+        g.owner = current
     g.co = to
     to._greenlet = g
     to._thread = ctx._thread if ctx is not None else threading.get_ident()
@@ -1048,10 +1078,15 @@ def yield_() -> None:
     a cancel() does not interrupt it, but a pending Cancelled is raised
     when it resumes. QEMU: qemu_coroutine_yield. Coroutine only.
     """
+    # Compiled, g is typed _CoGreenlet (a TypeError for a plain greenlet)
+    # and co must be checked for None (a greenlet a fork child disowned).
     try:
-        co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
-    except AttributeError:
-        raise RuntimeError("yield_() called outside a coroutine") from None
+        g: Any = getcurrent()
+        co: Coroutine[Any] | None = g.co
+    except (AttributeError, TypeError):
+        co = None
+    if co is None:
+        raise RuntimeError("yield_() called outside a coroutine")
     caller = co._caller
     co._caller = None
     _switch(caller)  # type: ignore[arg-type]
