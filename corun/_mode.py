@@ -35,7 +35,7 @@ from typing import Any
 from greenlet import getcurrent, greenlet
 
 # The modules setup.py compiles, lowest layer first.
-KERNEL = ("coroutine",)
+KERNEL = ("coroutine", "context")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -40,9 +40,9 @@ from itertools import islice
 from types import TracebackType
 from typing import Any, TypeVar
 
-from greenlet import getcurrent
+from greenlet import greenlet
 
-from . import _thread
+from . import _mode, _thread
 from .bh import SCHEDULED, BottomHalf
 from .coroutine import (
     _FINISHED,
@@ -68,6 +68,17 @@ from .timer import Timer, TimerList
 from .watchdog import watch_stalls
 
 T = TypeVar("T")
+
+# Greenlet's primitives: see coroutine.py (bound the same way, for the same reason).
+getcurrent: Callable[[], greenlet]
+_switch: Callable[[greenlet], Any]
+_greenlet_init: Callable[[], None]
+globals().update(_mode.greenlet_primitives())
+_greenlet_init()
+
+# Compiled (Cython), functions have no Python frames: _running_a_pass()
+# then counts passes instead of reading the stack.
+_COMPILED = not __file__.endswith(".py")
 
 logger = logging.getLogger("corun")
 
@@ -111,6 +122,7 @@ class AioContext(_KernelContext):
         self._close_done: threading.Event | None = None  # set once close() is over
         self._inherited = False  # True in a forked child: see _after_fork_in_child()
         self._interrupted = False  # a pass was left by an exception: see _recover()
+        self._depth = 0  # passes under way (compiled only: see _running_a_pass)
 
         # Lock-free queues: any thread appends, the home thread pops.
         # call_soon() callbacks, as (cb, args) tuples, and scheduled coroutines.
@@ -589,6 +601,7 @@ class AioContext(_KernelContext):
         `timeout`: how long to wait for work at most (None: no limit; 0:
         do not wait).
         """
+        self._depth += 1
         try:
             progress = self._pass_once(timeout)
         except BaseException:
@@ -597,6 +610,8 @@ class AioContext(_KernelContext):
             self._interrupted = True
             self._pass_ended = self._polls
             raise
+        finally:
+            self._depth -= 1
         # Read by the stall watchdog (debug.py): in a pass while they differ.
         self._pass_ended = self._polls
         return progress
@@ -754,18 +769,21 @@ class AioContext(_KernelContext):
                     except BaseException as exc:
                         self._report(exc, item[0])
                     continue
+                # The markers take `item`, untyped, not `co`: compiled, a
+                # walrus from a typed variable into an untyped one would read
+                # the field off the wrong C type (Cython 3.x).
                 co = item
                 self._co_scheduled += 1
                 co._sched_where = None
                 if co.done:
-                    (released := co)._sched.release()
+                    (released := item)._sched.release()
                     self._report(
                         RuntimeError(f"{co!r} was scheduled on {self!r} but finished first"), co
                     )
                     continue
                 try: g = _prepare(self, co, current)  # noqa: E701
                 except Exception as exc:  # could not even be entered (lost a race)
-                    (released := co)._sched.release()
+                    (released := item)._sched.release()
                     self._report(exc, co)
                     continue
                 co._caller = current
@@ -773,10 +791,10 @@ class AioContext(_KernelContext):
                 # co again, even before it yields (it is entered after that).
                 # (Released already only by an interrupted schedule(): see
                 # _unschedule_interrupted.)
-                try: (released := co)._sched.release()  # noqa: E701
+                try: (released := item)._sched.release()  # noqa: E701
                 except RuntimeError:
                     pass
-                result = (started := co)._greenlet.switch()
+                result = _switch((started := item)._greenlet)
                 if result is _FINISHED:
                     _finished(self, co, g)
                 if co.done or co._wakeups is not None:
@@ -987,8 +1005,11 @@ class AioContext(_KernelContext):
         """Whether the caller runs inside one of this context's passes (cold path).
 
         Read off the stack rather than kept in a counter, which an
-        interrupt could leave wrong.
+        interrupt could leave wrong; compiled, passes have no frames, and
+        no interrupt can land between the counting and its try.
         """
+        if _COMPILED:
+            return self._depth > 0
         frame = sys._getframe(1)
         while frame is not None:
             if frame.f_code is _PASS_CODE and frame.f_locals.get("self") is self:
@@ -1161,7 +1182,7 @@ class AioContext(_KernelContext):
         # and say so, as an unclosed socket does. No work runs here.
         if getattr(self, "_released", True):
             return
-        if not getattr(self, "_inherited", False) and hasattr(self, "_poller"):
+        if not getattr(self, "_inherited", False) and getattr(self, "_poller", None) is not None:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
         self._closed = True
         self._released = True
@@ -1201,7 +1222,8 @@ class AioContext(_KernelContext):
                 pass
 
 
-_PASS_CODE = AioContext._pass.__code__
+# Looked up at run time: compiled, AioContext._pass is a C method (and unused).
+_PASS_CODE = getattr(AioContext, "_pass").__code__  # noqa: B009
 
 
 def _finish_interrupted_close(ctx: AioContext | None) -> None:

@@ -710,7 +710,11 @@ def test_keyboard_interrupt_at_every_line_of_close_releases_and_finishes_everyth
         corun_logger.propagate = propagate
         corun_logger.removeHandler(records)
     print(f"{points} injection points in {time.monotonic() - started:.1f} s")
-    assert failures or points > 100, "close() ran almost no corun code: nothing was exercised"
+    # Compiled, only the pure-Python modules around the kernel (bottom
+    # halves, timers, the notifier...) produce line events: close() itself
+    # and the loop pass run as C. The pure-Python run counts every line.
+    least = 5 if corun.compiled else 100
+    assert failures or points > least, "close() ran almost no corun code: nothing was exercised"
     listing = "\n".join(failures)
     assert failures == [], f"injection points that failed:\n{listing}"
 

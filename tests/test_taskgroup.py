@@ -21,6 +21,7 @@ import random
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -792,7 +793,9 @@ def test_spawn_racing_the_abort_counts_the_child_once(
 
     The race window (between spawn's bookkeeping and the hand-over to the
     context) is widened deterministically: the spawning thread's call to
-    AioContext.schedule first waits until the failure has aborted the group.
+    the target context's schedule() first waits until the failure has
+    aborted the group. (Patched on the instance: compiled, AioContext is an
+    extension type, whose methods cannot be replaced on the class.)
     Whatever spawn then does (start the child cancelled, or refuse with
     RuntimeError), the child counts once and the block ends with the failure.
     """
@@ -813,7 +816,8 @@ def test_spawn_racing_the_abort_counts_the_child_once(
             wait_until(lambda: bad.done)  # the failure has aborted the group
         real_schedule(self, co)
 
-    monkeypatch.setattr(AioContext, "schedule", schedule)
+    target = threads[1].ctx
+    monkeypatch.setattr(target, "schedule", types.MethodType(schedule, target))
     spawn_errors: list[str] = []
 
     def owner() -> BaseException:
