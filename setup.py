@@ -19,7 +19,7 @@ import sysconfig
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL = ("coroutine", "context")  # keep in step with corun/_mode.py
+KERNEL = ("coroutine", "context", "comutex")  # keep in step with corun/_mode.py
 
 
 def _why_pure() -> str | None:

@@ -35,7 +35,7 @@ from typing import Any
 from greenlet import getcurrent, greenlet
 
 # The modules setup.py compiles, lowest layer first.
-KERNEL = ("coroutine", "context")
+KERNEL = ("coroutine", "context", "comutex")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -45,14 +45,21 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from greenlet import getcurrent
+from greenlet import greenlet
 
+from . import _mode
 from .context import wake
 from .coroutine import Cancelled, _report, _suspend, checkpoint, held_locks, park
 
 if TYPE_CHECKING:
     from .coroutine import Coroutine
     from .timer import Timer
+
+# Greenlet's primitives: see coroutine.py (bound the same way, for the same reason).
+getcurrent: Callable[[], greenlet]
+_greenlet_init: Callable[[], None]
+globals().update(_mode.greenlet_primitives())
+_greenlet_init()
 
 # How often a locker retries before it queues, when the holder runs in
 # another thread. Under the GIL the holder can only progress when we let go
@@ -164,10 +171,14 @@ class CoMutex:
         cancelled waiter leaves the queue, and a hand-off that raced the
         cancel is passed on to the next waiter. Coroutine only.
         """
+        # Compiled, g and co are typed: see yield_() in coroutine.py.
         try:
-            co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
-        except AttributeError:
-            raise RuntimeError(f"{self!r}.acquire() called outside a coroutine") from None
+            g: Any = getcurrent()
+            co: Coroutine[Any] | None = g.co
+        except (AttributeError, TypeError):
+            co = None
+        if co is None:
+            raise RuntimeError(f"{self!r}.acquire() called outside a coroutine")
         if self.holder is co:
             raise RuntimeError(f"{co!r} tried to acquire {self!r}, which it already holds")
         if not self._waiters and self._taken.acquire(False):
@@ -279,12 +290,18 @@ class CoMutex:
             if timer is not None:
                 timer.cancel()
 
-    def release(self, *_exc_info: object) -> None:
-        """Unlock, handing the mutex to the first waiter if any. Coroutine only (holder)."""
+    def release(self, exc_type: object = None, exc: object = None, tb: object = None) -> None:
+        """Unlock, handing the mutex to the first waiter if any. Coroutine only (holder).
+
+        (The arguments are __exit__'s, which this is too.)
+        """
         try:
-            co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
-        except AttributeError:
-            raise RuntimeError(f"{self!r}.release() called outside a coroutine") from None
+            g: Any = getcurrent()
+            co: Coroutine[Any] | None = g.co
+        except (AttributeError, TypeError):
+            co = None
+        if co is None:
+            raise RuntimeError(f"{self!r}.release() called outside a coroutine")
         if self.holder is not co:
             raise RuntimeError(
                 f"{co!r} tried to release {self!r}, which it does not hold "
