@@ -55,8 +55,8 @@ cdef class AioContext(_KernelContext):
     cpdef schedule(self, _CoroutineBase co)
     cpdef enter(self, _CoroutineBase co)
     cpdef bint _has_work(self)
+    @cython.locals(timers=object)
     cpdef bint _pass(self, timeout)
-    cpdef bint _pass_once(self, timeout)
 
     @cython.locals(co=_CoroutineBase, g=_CoGreenlet, current=greenlet)
     cpdef _run_ready(self, Py_ssize_t n)

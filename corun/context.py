@@ -254,8 +254,9 @@ class AioContext(_KernelContext):
         """The one door in from any thread: append `item`, then notify.
 
         All it does is one atomic append and, if the loop may be asleep, one
-        eventfd write (notify(), inlined: this is the hot path of schedule,
-        call_soon, bh.schedule and remote timer changes). Pairs with _pass():
+        eventfd write (notify(), inlined: this is the hot path of
+        bh.schedule and remote timer changes; schedule() and call_soon()
+        inline this in turn, keep them in step). Pairs with _pass():
         the item is published before _notified is stored and _notify_me read.
         """
         queue.append(item)
@@ -368,7 +369,17 @@ class AioContext(_KernelContext):
                 raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
             co._sched_where = self
             co.ctx = self
-            self._submit(self._ready, co)
+            # _submit(), inlined (the hot path): see there.
+            self._ready.append(co)
+            self._notified = True
+            try:
+                if self._notify_me and self._event_armed.acquire(False):
+                    self._write_event()
+            except BaseException:
+                self._kick()
+                raise
+            if self._closed:
+                self._late(self._ready, co)
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 self._unschedule_interrupted(co)
@@ -422,7 +433,18 @@ class AioContext(_KernelContext):
         """Run cb(*args) once at the next poll (aio_bh_schedule_oneshot). Thread: any."""
         if self._closed and self._refuses():
             raise self._refusal(f"call_soon({cb!r})")
-        self._submit(self._ready, (cb, args))
+        # _submit(), inlined (the hot path): see there.
+        item = (cb, args)
+        self._ready.append(item)
+        self._notified = True
+        try:
+            if self._notify_me and self._event_armed.acquire(False):
+                self._write_event()
+        except BaseException:
+            self._kick()
+            raise
+        if self._closed:
+            self._late(self._ready, item)
 
     def call_sync(
         self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None, **kwargs: Any
@@ -603,7 +625,79 @@ class AioContext(_KernelContext):
         """
         self._depth += 1
         try:
-            progress = self._pass_once(timeout)
+            self._polls += 1
+            if self._interrupted:
+                self._recover()
+            timers = self._timers
+            if timers.inbox:
+                timers.apply_inbox()
+            if timeout != 0:
+                if self._notified or self._ready or self._bh_q or timers.inbox:
+                    timeout = 0.0
+                else:
+                    # Announce that we may sleep, then look again.
+                    # Pairs with notify(): see there.
+                    self._notify_me = True
+                    if self._notified or self._ready or self._bh_q or timers.inbox:
+                        timeout = 0.0
+                    else:
+                        deadline = timers.deadline()
+                        if deadline is not None:
+                            wait = max(deadline - _time.monotonic(), 0.0)
+                            if timeout is None or wait < timeout:
+                                timeout = wait
+                        if self._idle_q and (timeout is None or timeout > IDLE_BH_DELAY):
+                            timeout = IDLE_BH_DELAY
+            events = self._poller.poll(timeout)
+            self._notify_me = False
+            # Accept the notification before looking at the queues: whatever is
+            # published from now on sets _notified again (QEMU: aio_notify_accept).
+            self._notified = False
+
+            progress = False
+            ready = None
+            if events:
+                for fd, mask in events:
+                    if fd == self._signal_fd:
+                        self._drain_signal_fd()
+                    elif fd == self._notify_fd:
+                        if not self._notify_edge:
+                            self._notifier.test_and_clear()
+                        # Pairs with notify(): this wake-up is consumed (the
+                        # eventfd read, or its edge reported) before a new
+                        # writer may arm it again. Already released only after
+                        # an interrupted pass (see _recover). One line: see
+                        # coroutine.py, "One-line try" (the pass's own except
+                        # must see an exception raised at this line).
+                        try: self._event_armed.release()  # noqa: E701
+                        except RuntimeError:
+                            pass
+                    elif ready is None:
+                        ready = [(fd, mask)]
+                    else:
+                        ready.append((fd, mask))
+
+            if timers.inbox:
+                timers.apply_inbox()
+            # Snapshots: what this pass's work queues waits for the next pass.
+            n_ready = len(self._ready)
+            n_bh = len(self._bh_q)
+            n_idle = len(self._idle_q)
+            if n_ready:
+                self._run_ready(n_ready)
+                progress = True
+            if n_bh and self._run_bhs(self._bh_q, n_bh):
+                progress = True
+            # An idle BH that was upgraded by schedule() while queued counts.
+            if n_idle and self._run_bhs(self._idle_q, n_idle):
+                progress = True
+            if ready is not None and self._dispatch(ready):
+                progress = True
+            if timers._heap:
+                n = timers.run_expired(_time.monotonic())
+                if n:
+                    self._timers_fired += n
+                    progress = True
         except BaseException:
             # KeyboardInterrupt, SystemExit, or an exception a signal handler
             # raised: the next pass repairs what it may have left half done.
@@ -624,87 +718,12 @@ class AioContext(_KernelContext):
         would ever write the eventfd again, and the context would be deaf.
         So release it, and do not sleep before looking at the queues. A
         producer that still holds it and writes later only causes one
-        spurious wake-up, which _pass_once tolerates.
+        spurious wake-up, which _pass tolerates.
         """
         self._interrupted = False
         self._notify_me = False
         self._notified = True
         _release_quietly(self._event_armed)
-
-    def _pass_once(self, timeout: float | None) -> bool:
-        self._polls += 1
-        if self._interrupted:
-            self._recover()
-        timers = self._timers
-        if timers.inbox:
-            timers.apply_inbox()
-        if timeout != 0:
-            if self._notified or self._has_work():
-                timeout = 0.0
-            else:
-                # Announce that we may sleep, then look again.
-                # Pairs with notify(): see there.
-                self._notify_me = True
-                if self._notified or self._has_work():
-                    timeout = 0.0
-                else:
-                    deadline = timers.deadline()
-                    if deadline is not None:
-                        wait = max(deadline - _time.monotonic(), 0.0)
-                        if timeout is None or wait < timeout:
-                            timeout = wait
-                    if self._idle_q and (timeout is None or timeout > IDLE_BH_DELAY):
-                        timeout = IDLE_BH_DELAY
-        events = self._poller.poll(timeout)
-        self._notify_me = False
-        # Accept the notification before looking at the queues: whatever is
-        # published from now on sets _notified again (QEMU: aio_notify_accept).
-        self._notified = False
-
-        progress = False
-        ready = None
-        if events:
-            for fd, mask in events:
-                if fd == self._signal_fd:
-                    self._drain_signal_fd()
-                elif fd == self._notify_fd:
-                    if not self._notify_edge:
-                        self._notifier.test_and_clear()
-                    # Pairs with notify(): this wake-up is consumed (the
-                    # eventfd read, or its edge reported) before a new
-                    # writer may arm it again. Already released only after
-                    # an interrupted pass (see _recover).
-                    try:
-                        self._event_armed.release()
-                    except RuntimeError:
-                        pass
-                elif ready is None:
-                    ready = [(fd, mask)]
-                else:
-                    ready.append((fd, mask))
-
-        if timers.inbox:
-            timers.apply_inbox()
-        # Snapshots: what this pass's work queues waits for the next pass.
-        n_ready = len(self._ready)
-        n_bh = len(self._bh_q)
-        n_idle = len(self._idle_q)
-        if n_ready:
-            self._run_ready(n_ready)
-            progress = True
-        if n_bh and self._run_bhs(self._bh_q, n_bh):
-            progress = True
-        # An idle BH that was upgraded by schedule() while queued counts.
-        if n_idle and self._run_bhs(self._idle_q, n_idle):
-            progress = True
-        if ready is not None and self._dispatch(ready):
-            progress = True
-        if timers._heap:
-            n = timers.run_expired(_time.monotonic())
-            if n:
-                self._timers_fired += n
-                progress = True
-        return progress
 
     def _run_bhs(self, queue: deque[BottomHalf], n: int) -> bool:
         """Run the first `n` bottom halves of `queue`; True if a non-idle one ran.

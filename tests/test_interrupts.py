@@ -165,7 +165,7 @@ def test_producer_interrupted_after_taking_event_arm_leaves_iothread_wakeable() 
         assert wait_until(lambda: ctx._notify_me and not ctx._event_armed.locked())
         ran: list[str] = []
         injector = InjectAt(
-            AioContext._submit.__code__, line_of(AioContext._submit, "self._write_event()")
+            AioContext.call_soon.__code__, line_of(AioContext.call_soon, "self._write_event()")
         )
         interrupt = traced(injector, lambda: ctx.call_soon(ran.append, "interrupted"))
         assert injector.fired and interrupt is not None, "the injection point was not reached"
