@@ -7,6 +7,7 @@ from corun._greenlet cimport greenlet, getcurrent
 from corun._greenlet cimport switch as _switch
 from corun._greenlet cimport greenlet_init as _greenlet_init
 from corun.coroutine cimport _CoGreenlet, _CoroutineBase, _KernelContext
+from corun.coroutine cimport _defer, _enter, _finished, _prepare
 
 
 cdef class AioContext(_KernelContext):
@@ -62,4 +63,5 @@ cdef class AioContext(_KernelContext):
     cpdef _run_ready(self, Py_ssize_t n)
 
 
+@cython.locals(ctx=AioContext)
 cpdef wake(_CoroutineBase co)
