@@ -11,9 +11,8 @@ from corun.coroutine cimport _defer, _enter, _finished, _prepare
 
 
 cdef class AioContext(_KernelContext):
-    # A dict, as a Python class has: attributes beyond these fields, and a
-    # method patched on an instance (Python callers honour it).
-    cdef dict __dict__
+    # No __dict__: with one, every call of a cpdef method from C would first
+    # look the name up on the instance, in case a Python override hid it.
     cdef object __weakref__
     cdef public object name
     cdef public object _thread_name
