@@ -12,7 +12,9 @@ Pure Python is chosen instead, for all of the kernel at once, when:
   "0"): CI runs the suite both ways from one install;
 - the interpreter runs without the GIL (free-threaded builds): the compiled
   kernel, like the C code of greenlet, relies on the GIL;
-- not every kernel module has an extension next to it (a partial build).
+- not every kernel module has an extension next to it (a partial build);
+- an extension is older than its .py or .pxd file (a checkout edited
+  since `pip install -e .` built it: the compiled code would be stale).
 Then a finder placed first on sys.meta_path loads those modules from their
 .py files. It is installed when corun/__init__.py imports this module, before
 anything else, and only ever answers for `corun.<kernel module>`.
@@ -47,11 +49,38 @@ GIL_ENABLED: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 PURE_PYTHON_REQUESTED: bool = os.environ.get("CORUN_PURE_PYTHON", "") not in ("", "0")
 
 
+def _extension(name: str) -> str | None:
+    """The path of the compiled `name` next to its .py file, or None."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(_HERE, name + suffix)
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def _has_extension(name: str) -> bool:
-    return any(
-        os.path.exists(os.path.join(_HERE, name + suffix))
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES
-    )
+    return _extension(name) is not None
+
+
+def _stale(name: str) -> bool:
+    """Whether the compiled `name` is older than its .py or .pxd (an edited checkout).
+
+    Only for a build in place (`pip install -e .`), which leaves Cython's .c
+    file next to the .py file: an installed wheel has none, and its files
+    carry the times they were unpacked at, in no useful order.
+    """
+    built = _extension(name)
+    if built is None or not os.path.exists(os.path.join(_HERE, name + ".c")):
+        return False
+    try:
+        when = os.path.getmtime(built)
+        return any(
+            os.path.getmtime(source) > when
+            for source in (os.path.join(_HERE, name + ext) for ext in (".py", ".pxd"))
+            if os.path.exists(source)
+        )
+    except OSError:
+        return False
 
 
 def pure_reason() -> str | None:
@@ -63,6 +92,11 @@ def pure_reason() -> str | None:
     missing = [name for name in KERNEL if not _has_extension(name)]
     if missing:
         return "not compiled" if len(missing) == len(KERNEL) else f"{missing} not compiled"
+    stale = [name for name in KERNEL if _stale(name)]
+    if stale:
+        # An editable install whose sources changed since the build: the
+        # compiled modules would run the old code.
+        return f"compiled {', '.join(stale)} older than the source (rebuild: pip install -e .)"
     return None
 
 

@@ -11,6 +11,7 @@ import importlib.machinery
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,38 @@ def test_the_pure_python_finder_answers_only_for_the_kernel() -> None:
     assert spec is not None and spec.origin is not None and spec.origin.endswith("coroutine.py")
 
 
+def compiled_kernel_usable() -> bool:
+    """What a child without CORUN_PURE_PYTHON should load: built, fresh, GIL on."""
+    return _mode.GIL_ENABLED and all(
+        _mode._has_extension(name) and not _mode._stale(name) for name in _mode.KERNEL
+    )
+
+
+def test_a_stale_build_is_not_loaded(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An editable install edited since it was built: the .so is older than
+    # the .py (or the .pxd), and would run the old code.
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in _mode.KERNEL:
+        (tmp_path / f"{name}.py").write_text("")
+        (tmp_path / f"{name}{suffix}").write_text("")
+        os.utime(tmp_path / f"{name}.py", (1000, 1000))
+        os.utime(tmp_path / f"{name}{suffix}", (2000, 2000))
+    monkeypatch.setattr(_mode, "_HERE", str(tmp_path))
+    monkeypatch.setattr(_mode, "PURE_PYTHON_REQUESTED", False)
+    monkeypatch.setattr(_mode, "GIL_ENABLED", True)
+    assert _mode.pure_reason() is None
+    os.utime(tmp_path / "context.py", (3000, 3000))
+    # Installed (no Cython .c file next to it): file times mean nothing.
+    assert _mode.pure_reason() is None
+    for name in _mode.KERNEL:
+        (tmp_path / f"{name}.c").write_text("")  # built in place
+    assert "compiled context older than the source" in (_mode.pure_reason() or "")
+    os.utime(tmp_path / "context.py", (1000, 1000))
+    (tmp_path / "coroutine.pxd").write_text("")
+    os.utime(tmp_path / "coroutine.pxd", (3000, 3000))
+    assert "compiled coroutine older" in (_mode.pure_reason() or "")
+
+
 def run_child(pure: str | None) -> list[str]:
     env = dict(os.environ)
     env.pop("CORUN_PURE_PYTHON", None)
@@ -81,15 +114,13 @@ def test_corun_pure_python_forces_the_py_files() -> None:
     assert compiled == "False"
     assert all(f.endswith(".py") for f in files), files
     # "0" and "" mean: not forced.
-    built = all(_mode._has_extension(name) for name in _mode.KERNEL)
     for value in ("0", ""):
         compiled, *files = run_child(value)
-        assert compiled == str(built and _mode.GIL_ENABLED)
+        assert compiled == str(compiled_kernel_usable())
 
 
 @pytest.mark.timeout(60)
 def test_without_the_variable_the_compiled_kernel_loads_when_built() -> None:
     compiled, *files = run_child(None)
-    built = all(_mode._has_extension(name) for name in _mode.KERNEL)
-    assert compiled == str(built and _mode.GIL_ENABLED)
+    assert compiled == str(compiled_kernel_usable())
     assert all(is_extension(f) == (compiled == "True") for f in files), files
