@@ -52,14 +52,21 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from greenlet import getcurrent
+from greenlet import greenlet
 
+from . import _mode
 from .context import wake
-from .coroutine import Cancelled, _report, _suspend, checkpoint, park
+from .coroutine import Cancelled, _report, _suspend, checkpoint, held_locks, park
 
 if TYPE_CHECKING:
     from .coroutine import Coroutine
     from .timer import Timer
+
+# Greenlet's primitives: see coroutine.py (bound the same way, for the same reason).
+getcurrent: Callable[[], greenlet]
+_greenlet_init: Callable[[], None]
+globals().update(_mode.greenlet_primitives())
+_greenlet_init()
 
 # How long a locker retries before it queues, when the holder runs in
 # another thread (see "Spinning" above). Measured with 2, 5 and 8 IOThreads
@@ -108,12 +115,7 @@ def _unlink_held(co: Coroutine[Any], mutex: CoMutex) -> None:
 
 def held_by(co: Coroutine[Any]) -> list[CoMutex]:
     """The CoMutexes `co` holds, latest first."""
-    out = []
-    node = co._held
-    while node is not None:
-        out.append(node)
-        node = node._next_held
-    return out
+    return [lock for lock in held_locks(co) if isinstance(lock, CoMutex)]
 
 
 def _expire(co: Coroutine[Any], withdraw: Callable[[], bool], expired: list[bool]) -> None:
@@ -178,10 +180,14 @@ class CoMutex:
         cancelled waiter leaves the queue, and a hand-off that raced the
         cancel is passed on to the next waiter. Coroutine only.
         """
+        # Compiled, g and co are typed: see yield_() in coroutine.py.
         try:
-            co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
-        except AttributeError:
-            raise RuntimeError(f"{self!r}.acquire() called outside a coroutine") from None
+            g: Any = getcurrent()
+            co: Coroutine[Any] | None = g.co
+        except (AttributeError, TypeError):
+            co = None
+        if co is None:
+            raise RuntimeError(f"{self!r}.acquire() called outside a coroutine")
         if self.holder is co:
             raise RuntimeError(f"{co!r} tried to acquire {self!r}, which it already holds")
         if not self._waiters and self._taken.acquire(False):
@@ -322,12 +328,18 @@ class CoMutex:
             if timer is not None:
                 timer.cancel()
 
-    def release(self, *_exc_info: object) -> None:
-        """Unlock, handing the mutex to the first waiter if any. Coroutine only (holder)."""
+    def release(self, exc_type: object = None, exc: object = None, tb: object = None) -> None:
+        """Unlock, handing the mutex to the first waiter if any. Coroutine only (holder).
+
+        (The arguments are __exit__'s, which this is too.)
+        """
         try:
-            co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
-        except AttributeError:
-            raise RuntimeError(f"{self!r}.release() called outside a coroutine") from None
+            g: Any = getcurrent()
+            co: Coroutine[Any] | None = g.co
+        except (AttributeError, TypeError):
+            co = None
+        if co is None:
+            raise RuntimeError(f"{self!r}.release() called outside a coroutine")
         if self.holder is not co:
             raise RuntimeError(
                 f"{co!r} tried to release {self!r}, which it does not hold "

@@ -40,18 +40,23 @@ from itertools import islice
 from types import TracebackType
 from typing import Any, TypeVar
 
-from greenlet import getcurrent
+from greenlet import greenlet
 
-from . import _thread
+from . import _mode, _thread
 from .bh import SCHEDULED, BottomHalf
 from .coroutine import (
     _FINISHED,
     FATAL,
+    Cancelled,
     Coroutine,
     _CoGreenlet,
+    _defer,
     _enter,
     _finished,
+    _KernelContext,
+    _layer_above,
     _prepare,
+    _release_quietly,
     _settle,
     _take_back,
     _unwind,
@@ -63,6 +68,17 @@ from .timer import Timer, TimerList
 from .watchdog import watch_stalls
 
 T = TypeVar("T")
+
+# Greenlet's primitives: see coroutine.py (bound the same way, for the same reason).
+getcurrent: Callable[[], greenlet]
+_switch: Callable[[greenlet], Any]
+_greenlet_init: Callable[[], None]
+globals().update(_mode.greenlet_primitives())
+_greenlet_init()
+
+# Compiled (Cython), functions have no Python frames: _running_a_pass()
+# then counts passes instead of reading the stack.
+_COMPILED = not __file__.endswith(".py")
 
 logger = logging.getLogger("corun")
 
@@ -81,7 +97,7 @@ IDLE_BH_DELAY = 0.010
 ExceptionHandler = Callable[["AioContext", BaseException, object], object]
 
 
-class AioContext:
+class AioContext(_KernelContext):
     """An event-loop context owned by the calling thread. Thread: any."""
 
     def __init__(self, name: str | None = None) -> None:
@@ -106,6 +122,7 @@ class AioContext:
         self._close_done: threading.Event | None = None  # set once close() is over
         self._inherited = False  # True in a forked child: see _after_fork_in_child()
         self._interrupted = False  # a pass was left by an exception: see _recover()
+        self._depth = 0  # passes under way (compiled only: see _running_a_pass)
 
         # Lock-free queues: any thread appends, the home thread pops.
         # call_soon() callbacks, as (cb, args) tuples, and scheduled coroutines.
@@ -238,8 +255,9 @@ class AioContext:
         """The one door in from any thread: append `item`, then notify.
 
         All it does is one atomic append and, if the loop may be asleep, one
-        eventfd write (notify(), inlined: this is the hot path of schedule,
-        call_soon, bh.schedule and remote timer changes). Pairs with _pass():
+        eventfd write (notify(), inlined: this is the hot path of
+        bh.schedule and remote timer changes; schedule() and call_soon()
+        inline this in turn, keep them in step). Pairs with _pass():
         the item is published before _notified is stored and _notify_me read.
         """
         queue.append(item)
@@ -352,7 +370,17 @@ class AioContext:
                 raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
             co._sched_where = self
             co.ctx = self
-            self._submit(self._ready, co)
+            # _submit(), inlined (the hot path): see there.
+            self._ready.append(co)
+            self._notified = True
+            try:
+                if self._notify_me and self._event_armed.acquire(False):
+                    self._write_event()
+            except BaseException:
+                self._kick()
+                raise
+            if self._closed:
+                self._late(self._ready, co)
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 self._unschedule_interrupted(co)
@@ -406,7 +434,18 @@ class AioContext:
         """Run cb(*args) once at the next poll (aio_bh_schedule_oneshot). Thread: any."""
         if self._closed and self._refuses():
             raise self._refusal(f"call_soon({cb!r})")
-        self._submit(self._ready, (cb, args))
+        # _submit(), inlined (the hot path): see there.
+        item = (cb, args)
+        self._ready.append(item)
+        self._notified = True
+        try:
+            if self._notify_me and self._event_armed.acquire(False):
+                self._write_event()
+        except BaseException:
+            self._kick()
+            raise
+        if self._closed:
+            self._late(self._ready, item)
 
     def call_sync(
         self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None, **kwargs: Any
@@ -421,8 +460,7 @@ class AioContext:
             if self._closed and self._refuses():
                 raise self._refusal(f"call_sync({fn!r})")
             return fn(*args, **kwargs)
-        from .waiter import Waiter
-
+        Waiter = _layer_above.Waiter
         me = current_coroutine()
         if me is not None and me.ctx is None:
             raise RuntimeError(
@@ -586,14 +624,89 @@ class AioContext:
         `timeout`: how long to wait for work at most (None: no limit; 0:
         do not wait).
         """
+        self._depth += 1
         try:
-            progress = self._pass_once(timeout)
+            self._polls += 1
+            if self._interrupted:
+                self._recover()
+            timers = self._timers
+            if timers.inbox:
+                timers.apply_inbox()
+            if timeout != 0:
+                if self._notified or self._ready or self._bh_q or timers.inbox:
+                    timeout = 0.0
+                else:
+                    # Announce that we may sleep, then look again.
+                    # Pairs with notify(): see there.
+                    self._notify_me = True
+                    if self._notified or self._ready or self._bh_q or timers.inbox:
+                        timeout = 0.0
+                    else:
+                        deadline = timers.deadline()
+                        if deadline is not None:
+                            wait = max(deadline - _time.monotonic(), 0.0)
+                            if timeout is None or wait < timeout:
+                                timeout = wait
+                        if self._idle_q and (timeout is None or timeout > IDLE_BH_DELAY):
+                            timeout = IDLE_BH_DELAY
+            events = self._poller.poll(timeout)
+            self._notify_me = False
+            # Accept the notification before looking at the queues: whatever is
+            # published from now on sets _notified again (QEMU: aio_notify_accept).
+            self._notified = False
+
+            progress = False
+            ready = None
+            if events:
+                for fd, mask in events:
+                    if fd == self._signal_fd:
+                        self._drain_signal_fd()
+                    elif fd == self._notify_fd:
+                        if not self._notify_edge:
+                            self._notifier.test_and_clear()
+                        # Pairs with notify(): this wake-up is consumed (the
+                        # eventfd read, or its edge reported) before a new
+                        # writer may arm it again. Already released only after
+                        # an interrupted pass (see _recover). One line: see
+                        # coroutine.py, "One-line try" (the pass's own except
+                        # must see an exception raised at this line).
+                        try: self._event_armed.release()  # noqa: E701
+                        except RuntimeError:
+                            pass
+                    elif ready is None:
+                        ready = [(fd, mask)]
+                    else:
+                        ready.append((fd, mask))
+
+            if timers.inbox:
+                timers.apply_inbox()
+            # Snapshots: what this pass's work queues waits for the next pass.
+            n_ready = len(self._ready)
+            n_bh = len(self._bh_q)
+            n_idle = len(self._idle_q)
+            if n_ready:
+                self._run_ready(n_ready)
+                progress = True
+            if n_bh and self._run_bhs(self._bh_q, n_bh):
+                progress = True
+            # An idle BH that was upgraded by schedule() while queued counts.
+            if n_idle and self._run_bhs(self._idle_q, n_idle):
+                progress = True
+            if ready is not None and self._dispatch(ready):
+                progress = True
+            if timers._heap:
+                n = timers.run_expired(_time.monotonic())
+                if n:
+                    self._timers_fired += n
+                    progress = True
         except BaseException:
             # KeyboardInterrupt, SystemExit, or an exception a signal handler
             # raised: the next pass repairs what it may have left half done.
             self._interrupted = True
             self._pass_ended = self._polls
             raise
+        finally:
+            self._depth -= 1
         # Read by the stall watchdog (debug.py): in a pass while they differ.
         self._pass_ended = self._polls
         return progress
@@ -606,87 +719,12 @@ class AioContext:
         would ever write the eventfd again, and the context would be deaf.
         So release it, and do not sleep before looking at the queues. A
         producer that still holds it and writes later only causes one
-        spurious wake-up, which _pass_once tolerates.
+        spurious wake-up, which _pass tolerates.
         """
         self._interrupted = False
         self._notify_me = False
         self._notified = True
         _release_quietly(self._event_armed)
-
-    def _pass_once(self, timeout: float | None) -> bool:
-        self._polls += 1
-        if self._interrupted:
-            self._recover()
-        timers = self._timers
-        if timers.inbox:
-            timers.apply_inbox()
-        if timeout != 0:
-            if self._notified or self._has_work():
-                timeout = 0.0
-            else:
-                # Announce that we may sleep, then look again.
-                # Pairs with notify(): see there.
-                self._notify_me = True
-                if self._notified or self._has_work():
-                    timeout = 0.0
-                else:
-                    deadline = timers.deadline()
-                    if deadline is not None:
-                        wait = max(deadline - _time.monotonic(), 0.0)
-                        if timeout is None or wait < timeout:
-                            timeout = wait
-                    if self._idle_q and (timeout is None or timeout > IDLE_BH_DELAY):
-                        timeout = IDLE_BH_DELAY
-        events = self._poller.poll(timeout)
-        self._notify_me = False
-        # Accept the notification before looking at the queues: whatever is
-        # published from now on sets _notified again (QEMU: aio_notify_accept).
-        self._notified = False
-
-        progress = False
-        ready = None
-        if events:
-            for fd, mask in events:
-                if fd == self._signal_fd:
-                    self._drain_signal_fd()
-                elif fd == self._notify_fd:
-                    if not self._notify_edge:
-                        self._notifier.test_and_clear()
-                    # Pairs with notify(): this wake-up is consumed (the
-                    # eventfd read, or its edge reported) before a new
-                    # writer may arm it again. Already released only after
-                    # an interrupted pass (see _recover).
-                    try:
-                        self._event_armed.release()
-                    except RuntimeError:
-                        pass
-                elif ready is None:
-                    ready = [(fd, mask)]
-                else:
-                    ready.append((fd, mask))
-
-        if timers.inbox:
-            timers.apply_inbox()
-        # Snapshots: what this pass's work queues waits for the next pass.
-        n_ready = len(self._ready)
-        n_bh = len(self._bh_q)
-        n_idle = len(self._idle_q)
-        if n_ready:
-            self._run_ready(n_ready)
-            progress = True
-        if n_bh and self._run_bhs(self._bh_q, n_bh):
-            progress = True
-        # An idle BH that was upgraded by schedule() while queued counts.
-        if n_idle and self._run_bhs(self._idle_q, n_idle):
-            progress = True
-        if ready is not None and self._dispatch(ready):
-            progress = True
-        if timers._heap:
-            n = timers.run_expired(_time.monotonic())
-            if n:
-                self._timers_fired += n
-                progress = True
-        return progress
 
     def _run_bhs(self, queue: deque[BottomHalf], n: int) -> bool:
         """Run the first `n` bottom halves of `queue`; True if a non-idle one ran.
@@ -751,18 +789,21 @@ class AioContext:
                     except BaseException as exc:
                         self._report(exc, item[0])
                     continue
+                # The markers take `item`, untyped, not `co`: compiled, a
+                # walrus from a typed variable into an untyped one would read
+                # the field off the wrong C type (Cython 3.x).
                 co = item
                 self._co_scheduled += 1
                 co._sched_where = None
                 if co.done:
-                    (released := co)._sched.release()
+                    (released := item)._sched.release()
                     self._report(
                         RuntimeError(f"{co!r} was scheduled on {self!r} but finished first"), co
                     )
                     continue
                 try: g = _prepare(self, co, current)  # noqa: E701
                 except Exception as exc:  # could not even be entered (lost a race)
-                    (released := co)._sched.release()
+                    (released := item)._sched.release()
                     self._report(exc, co)
                     continue
                 co._caller = current
@@ -770,10 +811,10 @@ class AioContext:
                 # co again, even before it yields (it is entered after that).
                 # (Released already only by an interrupted schedule(): see
                 # _unschedule_interrupted.)
-                try: (released := co)._sched.release()  # noqa: E701
+                try: (released := item)._sched.release()  # noqa: E701
                 except RuntimeError:
                     pass
-                result = (started := co)._greenlet.switch()
+                result = _switch((started := item)._greenlet)
                 if result is _FINISHED:
                     _finished(self, co, g)
                 if co.done or co._wakeups is not None:
@@ -984,8 +1025,11 @@ class AioContext:
         """Whether the caller runs inside one of this context's passes (cold path).
 
         Read off the stack rather than kept in a counter, which an
-        interrupt could leave wrong.
+        interrupt could leave wrong; compiled, passes have no frames, and
+        no interrupt can land between the counting and its try.
         """
+        if _COMPILED:
+            return self._depth > 0
         frame = sys._getframe(1)
         while frame is not None:
             if frame.f_code is _PASS_CODE and frame.f_locals.get("self") is self:
@@ -1135,8 +1179,6 @@ class AioContext:
         Coroutines queued to start or resume finish as cancelled, so that
         their joiners are told rather than left waiting. Cold path.
         """
-        from .coroutine import Cancelled
-
         dropped: list[object] = []
         while True:
             try:
@@ -1190,7 +1232,7 @@ class AioContext:
         # and say so, as an unclosed socket does. No work runs here.
         if getattr(self, "_released", True):
             return
-        if not getattr(self, "_inherited", False) and hasattr(self, "_poller"):
+        if not getattr(self, "_inherited", False) and getattr(self, "_poller", None) is not None:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
         self._closed = True
         self._released = True
@@ -1230,7 +1272,8 @@ class AioContext:
                 pass
 
 
-_PASS_CODE = AioContext._pass.__code__
+# Looked up at run time: compiled, AioContext._pass is a C method (and unused).
+_PASS_CODE = getattr(AioContext, "_pass").__code__  # noqa: B009
 
 
 def _finish_interrupted_close(ctx: AioContext | None) -> None:
@@ -1239,45 +1282,6 @@ def _finish_interrupted_close(ctx: AioContext | None) -> None:
         ctx._release_resources()
         if _thread._tls.ctx is ctx:
             _thread._tls.ctx = None
-
-
-def _release_quietly(lock: threading.Lock) -> None:
-    """Release `lock` if it is held. Only the home thread releases the ones used here."""
-    try:
-        lock.release()
-    except RuntimeError:
-        pass
-
-
-def _defer(me: Coroutine[Any], co: Coroutine[Any]) -> None:
-    """Queue `co` to be entered after `me`, the running coroutine, yields.
-
-    QEMU: the co_queue_wakeup half of aio_co_enter. Thread: home.
-    """
-    if me is co:
-        raise RuntimeError(f"{co!r} cannot wake itself")
-    co._check_enterable("wake", me._thread)
-    try:
-        if not co._sched.acquire(False):
-            raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
-        co._sched_where = me  # rendered by Coroutine._where() only on error
-        wakeups = me._wakeups
-        if wakeups is None:
-            me._wakeups = [co]
-        else:
-            wakeups.append(co)
-    except BaseException as exc:
-        # Interrupted between taking the flag and queueing (same thread as
-        # every other user of me._wakeups: this check is exact).
-        if (
-            not isinstance(exc, Exception)
-            and co._sched.locked()
-            and co._sched_where in (None, me)
-            and co not in (me._wakeups or ())
-        ):
-            co._sched_where = None
-            _release_quietly(co._sched)
-        raise
 
 
 def wake(co: Coroutine[Any]) -> None:

@@ -41,14 +41,24 @@ from time import monotonic as _monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from greenlet import getcurrent, greenlet
+from greenlet import greenlet
 
-from . import _thread
+from . import _mode, _thread
 
 if TYPE_CHECKING:
     from .context import AioContext
 
 T = TypeVar("T")
+
+# Greenlet's primitives. Compiled, these are greenlet's C API (inline
+# functions that coroutine.pxd cimports from _greenlet.pxd); in pure Python,
+# greenlet's own functions. Bound without an assignment statement, which
+# Cython refuses for names its .pxd declares.
+getcurrent: Callable[[], greenlet]
+_switch: Callable[[greenlet], Any]
+_greenlet_init: Callable[[], None]
+globals().update(_mode.greenlet_primitives())
+_greenlet_init()
 
 logger = logging.getLogger("corun")
 
@@ -72,10 +82,37 @@ if hasattr(os, "register_at_fork"):
 
 
 class _CoGreenlet(greenlet):
-    """The greenlet of a corun coroutine; `co` points back to it (None while pooled)."""
+    """The greenlet of a corun coroutine; `co` points back to it (None while pooled).
 
-    __slots__ = ("co",)
+    `owner` mirrors greenlet's `parent`, which corun alone sets (always
+    parent first, so a stale mirror only sends enter() down its slow path):
+    enter() reads a slot instead of calling greenlet's parent getter.
+    """
+
+    __slots__ = ("co", "owner")
     co: Coroutine[Any] | None
+    owner: greenlet
+
+
+class _KernelContext:
+    """The state of an AioContext that the coroutine kernel reads and writes.
+
+    AioContext (context.py) derives from it. Kept here so that the kernel
+    needs no import of the loop built on it, and so that, compiled, these
+    are C fields that enter() reads directly (see coroutine.pxd).
+    """
+
+    __slots__ = ("_closed", "_co_entered", "_co_pool", "_live", "_thread")
+    # Invariants (see AioContext): _closed is set once, when close() starts.
+    _closed: bool
+    # How many times a coroutine was entered here (stats()['co_entered']).
+    _co_entered: int
+    # Greenlets of finished coroutines, for new ones (POOL_SIZE).
+    _co_pool: list[_CoGreenlet]
+    # Coroutines that started here and have not finished (for close()).
+    _live: set[Coroutine[Any]]
+    # The ident of the home thread.
+    _thread: int
 
 
 class Cancelled(BaseException):
@@ -98,10 +135,12 @@ def _describe_thread(ident: int | None) -> str:
     return f"#{ident}"
 
 
-class Coroutine(Generic[T]):
-    """A coroutine that will run `fn(*args, **kwargs)`; creating it does not run it.
+class _CoroutineBase:
+    """The state and the methods of a Coroutine that do not depend on its result type.
 
-    Thread: any.
+    A separate base because compiled (see coroutine.pxd) it is an extension
+    type, whose fields are C struct members, and an extension type cannot
+    derive from typing.Generic; `Coroutine` adds the generic part.
     """
 
     __slots__ = (
@@ -173,9 +212,10 @@ class Coroutine(Generic[T]):
         # so it does not also go to the exception handler.
         self._exc_owned = False
         self._waiters: list[Any] | None = None
-        # The latest CoMutex it holds, the head of a chain through
-        # CoMutex._next_held, so that finishing while holding one is reported
-        # instead of leaking the lock silently.
+        # The latest lock it holds, the head of the chain of held locks (see
+        # held_locks()), so that finishing while holding one is reported
+        # instead of leaking the lock silently. QEMU keeps a bare locks_held
+        # counter; a chain costs no more and can name the locks.
         self._held: Any = None
         # The contextvars it runs in: a copy of its creator's (as asyncio tasks).
         self._context = copy_context()
@@ -268,22 +308,26 @@ class Coroutine(Generic[T]):
         """
         g = self._greenlet
         ctx = self._live_in
+        # `_sched_where is not None` stands for `_sched.locked()` (a C call):
+        # every taker of _sched sets it right after taking it and clears it
+        # right before giving it back, and a schedule() racing this check
+        # from another thread is a race either test loses.
         if (
             g is None
             or ctx is None
             or ctx._closed
             or self._caller is not None
-            or self._sched.locked()
+            or self._sched_where is not None
             or self.done
         ):
             # The uncommon cases (first enter, no context, misuse).
             self._check_enterable("enter", threading.get_ident())
-            _enter(_thread._tls.ctx, self, explicit=True)
+            _enter(_thread._tls.ctx, self, explicit=True)  # type: ignore[arg-type]
             return
         current = getcurrent()
-        if g.parent is not current:
+        if g.owner is not current:
             # Re-parent, or refuse a coroutine of another thread.
-            _enter(ctx, self, explicit=True)
+            _enter(ctx, self, explicit=True)  # type: ignore[arg-type]
             return
         # Fast path: suspended, of this thread (its parent is our greenlet),
         # living in an open context, which is therefore this thread's.
@@ -291,13 +335,13 @@ class Coroutine(Generic[T]):
         started = None
         try:
             self._caller = current
-            result = (started := g).switch()
+            result = _switch(started := g)
             if result is _FINISHED:
-                _finished(ctx, self, g)
+                _finished(ctx, self, g)  # type: ignore[arg-type]
             if self.done or self._wakeups is not None:
-                _settle(ctx, self, current, explicit=True)
+                _settle(ctx, self, current, explicit=True)  # type: ignore[arg-type]
         except BaseException as exc:
-            _unwind(ctx, self, started is g, exc)
+            _unwind(ctx, self, started is g, exc)  # type: ignore[arg-type]
             raise
 
     def _finish(self, result: Any, exc: BaseException | None) -> None:
@@ -314,9 +358,7 @@ class Coroutine(Generic[T]):
             self._live_in = None
             live_in._live.discard(self)
         if self._held is not None:
-            from .comutex import held_by
-
-            held = ", ".join(repr(m) for m in held_by(self))
+            held = ", ".join(repr(lock) for lock in held_locks(self))  # type: ignore[arg-type]
             _report(
                 self.ctx,
                 RuntimeError(
@@ -347,9 +389,7 @@ class Coroutine(Generic[T]):
                 # enters joiners one after another (a chain of joins must
                 # not nest, as any chain of wakes).
                 if waiter.cancel():
-                    from .context import _defer
-
-                    _defer(self, joiner)
+                    _defer(self, joiner)  # type: ignore[arg-type]
             else:
                 waiter.fire()
         except Exception as exc:
@@ -358,18 +398,6 @@ class Coroutine(Generic[T]):
             _report(self.ctx, exc, self)
 
     # -- results -----------------------------------------------------------
-
-    def result(self) -> T:
-        """The return value, or raise the exception, of a finished coroutine. Thread: any."""
-        if not self.done:
-            raise RuntimeError(f"{self!r} has not finished")
-        exc = self._exc
-        if exc is not None:
-            self._retrieved()
-            # Re-raise with the traceback it finished with, so that joining
-            # often does not grow it.
-            raise exc.with_traceback(self._tb)
-        return self._result  # type: ignore[return-value]
 
     def exception(self) -> BaseException | None:
         """The exception a finished coroutine raised, or None. Thread: any."""
@@ -466,6 +494,42 @@ class Coroutine(Generic[T]):
                 waiters = self._waiters
         waiters.append(waiter)
 
+    def _drop_waiter(self, waiter: Any) -> None:
+        """A joiner gave up (timeout, cancel): do not keep its waiter until we finish."""
+        waiters = self._waiters
+        if waiters is not None:
+            try:
+                waiters.remove(waiter)
+            except ValueError:
+                pass
+
+
+class Coroutine(_CoroutineBase, Generic[T]):
+    """A coroutine that will run `fn(*args, **kwargs)`; creating it does not run it.
+
+    Thread: any.
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self, fn: Callable[..., T], /, *args: Any, name: str | None = None, **kwargs: Any
+        ) -> None: ...
+
+    def result(self) -> T:
+        """The return value, or raise the exception, of a finished coroutine. Thread: any."""
+        if not self.done:
+            raise RuntimeError(f"{self!r} has not finished")
+        exc = self._exc
+        if exc is not None:
+            self._retrieved()
+            # Re-raise with the traceback it finished with, so that joining
+            # often does not grow it.
+            raise exc.with_traceback(self._tb)
+        return self._result  # type: ignore[return-value]
+
     def join(self, timeout: float | None = None) -> T:
         """Wait until the coroutine is done; return its result or raise its exception.
 
@@ -473,10 +537,9 @@ class Coroutine(Generic[T]):
         thread that owns `self.ctx`, which runs that context's loop meanwhile.
         TimeoutError after `timeout` seconds. Thread: any.
         """
-        from .waiter import Waiter
-
         if self.done:
             return self.result()
+        Waiter = _layer_above.Waiter
         me = current_coroutine()
         if me is self:
             raise RuntimeError(f"{self!r} cannot join itself")
@@ -508,15 +571,6 @@ class Coroutine(Generic[T]):
         self._drop_waiter(waiter)
         raise TimeoutError(f"{self!r} did not finish within {timeout} s")
 
-    def _drop_waiter(self, waiter: Any) -> None:
-        """A joiner gave up (timeout, cancel): do not keep its waiter until we finish."""
-        waiters = self._waiters
-        if waiters is not None:
-            try:
-                waiters.remove(waiter)
-            except ValueError:
-                pass
-
     def _join_running_loop(self, ctx: AioContext, timeout: float | None) -> T:
         if timeout is None:
             while not self.done:
@@ -531,6 +585,43 @@ class Coroutine(Generic[T]):
                 ctx._check_poll()
                 ctx._pass(remaining)
         return self.result()
+
+
+def held_locks(co: Coroutine[Any]) -> list[Any]:
+    """The locks `co` holds, latest first.
+
+    The kernel's whole knowledge of locks (QEMU keeps a `locks_held`
+    counter on the coroutine): a lock that wants its holder's finish
+    checked links itself in on acquire - `lock._next_held = co._held;
+    co._held = lock` - and out on release. Thread: any (a snapshot).
+    """
+    out = []
+    node = co._held
+    while node is not None:
+        out.append(node)
+        node = node._next_held
+    return out
+
+
+class _LayerAbove:
+    """What the kernel's own API borrows from the layer above it, registered from there.
+
+    `Coroutine.join()` and `AioContext.call_sync()` wait on a
+    `corun.waiter.Waiter`, which is built on this kernel (wake, park):
+    waiter.py registers the class here when it is imported, so the kernel
+    never imports upward. `corun/__init__.py` imports every module, so it
+    is always there by the time anyone can call join().
+    """
+
+    Waiter: Any = None
+
+
+_layer_above = _LayerAbove()
+
+
+def register_waiter(waiter_class: Any) -> None:
+    """Called once by corun.waiter: the class join() and call_sync() wait with."""
+    _LayerAbove.Waiter = waiter_class
 
 
 def _report(ctx: AioContext | None, exc: BaseException, origin: object) -> None:
@@ -552,7 +643,7 @@ FATAL = (KeyboardInterrupt, SystemExit)
 # - a queue is consumed by a `for` over `iter(q.popleft, END)`: the pop and
 #   the store into the loop variable happen in one bytecode, with no point
 #   where a signal handler could run in between;
-# - `(started := co)._greenlet.switch()` stores the marker in the same
+# - `_switch((started := co)._greenlet)` stores the marker in the same
 #   expression that switches, with no such point in between; likewise
 #   `(released := co)._sched.release()`;
 # - the except clause compares those markers with the item in hand and puts
@@ -579,7 +670,7 @@ def _enter(ctx: AioContext | None, co: Coroutine[Any], explicit: bool) -> None:
     started = None
     try:
         co._caller = current
-        result = (started := g).switch()
+        result = _switch(started := g)
         if result is _FINISHED:
             _finished(ctx, co, g)
         if co.done or co._wakeups is not None:
@@ -594,12 +685,13 @@ def _prepare(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> _
     g = to._greenlet
     if g is None:
         g = _bind(ctx, to, current)
-    elif g.parent is not current:
+    elif g.owner is not current:
         try:
             g.parent = current
         except ValueError:  # greenlet refuses a parent from another thread
             to._check_enterable("enter", threading.get_ident())
             raise
+        g.owner = current
     # Invariant: _live_in is ctx implies ctx is already the home context.
     if to._live_in is not ctx:
         _rehome(to, ctx)
@@ -622,12 +714,12 @@ def _bind(ctx: AioContext | None, to: Coroutine[Any], current: greenlet) -> _CoG
     pool = ctx._co_pool if ctx is not None else None
     if pool:
         g = pool.pop()
-        if g.parent is not current:
+        if g.owner is not current:
             g.parent = current
+            g.owner = current
     else:
         g = _CoGreenlet(_trampoline)  # its parent is `current`
-    # The contextvars the coroutine runs in (a pooled greenlet keeps none).
-    g.gr_context = to._context
+        g.owner = current
     g.co = to
     to._greenlet = g
     to._thread = ctx._thread if ctx is not None else threading.get_ident()
@@ -649,7 +741,13 @@ def _trampoline() -> None:
     while True:
         # The coroutine arrives through g.co, not as an argument: greenlet
         # keeps run's first arguments alive as long as the greenlet lives.
-        co: Any = getcurrent().co  # type: ignore[attr-defined]
+        g: Any = getcurrent()
+        co = g.co
+        # The contextvars the coroutine runs in. Set here, by the greenlet
+        # itself: greenlet refuses to set the context of a greenlet that is
+        # suspended with no Python frame (in the compiled trampoline), which
+        # it takes for one running in another thread.
+        g.gr_context = co._context
         fn = co._fn
         args = co._args
         kwargs = co._kwargs
@@ -680,12 +778,11 @@ def _trampoline() -> None:
         else:
             co._result = result
         caller = co._caller
-        # Keep nothing alive while idle in the pool.
-        fn = args = kwargs = result = co = None
+        # Keep nothing alive while idle in the pool (g itself least of all: a
+        # greenlet whose suspended frame refers to it is a cycle that is never
+        # collected). g.co None also tells _reconcile that fn is over.
+        fn = args = kwargs = result = co = g.co = g = None
         caller.switch(_FINISHED)
-
-
-_TRAMPOLINE_CODE = _trampoline.__code__
 
 
 def _finished(ctx: AioContext | None, co: Coroutine[Any], g: _CoGreenlet) -> None:
@@ -776,8 +873,7 @@ def _reconcile(ctx: AioContext | None, co: Coroutine[Any]) -> None:
     g = co._greenlet
     if co.done or g is None:
         return
-    frame = g.gr_frame
-    if frame is not None and frame.f_code is _TRAMPOLINE_CODE:
+    if g.co is None and not g.dead:  # waits in the trampoline's last switch
         _finished(ctx, co, g)
         exc = co._exc
         if exc is not None and not co._exc_owned and exc.__class__ is not Cancelled:
@@ -848,7 +944,7 @@ def _settle(ctx: AioContext | None, co: Coroutine[Any], current: greenlet, expli
             try: (released := to)._sched.release()  # noqa: E701
             except RuntimeError:
                 pass  # released by an interrupted schedule() (_unschedule_interrupted)
-            result = (started := to)._greenlet.switch()  # type: ignore[union-attr]
+            result = _switch((started := to)._greenlet)  # type: ignore[arg-type]
             if result is _FINISHED:
                 _finished(ctx, to, g)
             _absorb(ctx, to, pending, False)
@@ -936,6 +1032,45 @@ def _requeue(
     ctx.notify()
 
 
+def _release_quietly(lock: threading.Lock) -> None:
+    """Release `lock` if it is held. Only the home thread releases the ones used here."""
+    try:
+        lock.release()
+    except RuntimeError:
+        pass
+
+
+def _defer(me: Coroutine[Any], co: Coroutine[Any]) -> None:
+    """Queue `co` to be entered after `me`, the running coroutine, yields.
+
+    QEMU: the co_queue_wakeup half of aio_co_enter. Thread: home.
+    """
+    if me is co:
+        raise RuntimeError(f"{co!r} cannot wake itself")
+    co._check_enterable("wake", me._thread)
+    try:
+        if not co._sched.acquire(False):
+            raise RuntimeError(f"{co!r} is already scheduled in {co._where()}")
+        co._sched_where = me  # rendered by Coroutine._where() only on error
+        wakeups = me._wakeups
+        if wakeups is None:
+            me._wakeups = [co]
+        else:
+            wakeups.append(co)
+    except BaseException as exc:
+        # Interrupted between taking the flag and queueing (same thread as
+        # every other user of me._wakeups: this check is exact).
+        if (
+            not isinstance(exc, Exception)
+            and co._sched.locked()
+            and co._sched_where in (None, me)
+            and co not in (me._wakeups or ())
+        ):
+            co._sched_where = None
+            _release_quietly(co._sched)
+        raise
+
+
 def yield_() -> None:
     """Suspend the current coroutine and return to whoever entered it.
 
@@ -943,13 +1078,18 @@ def yield_() -> None:
     a cancel() does not interrupt it, but a pending Cancelled is raised
     when it resumes. QEMU: qemu_coroutine_yield. Coroutine only.
     """
+    # Compiled, g is typed _CoGreenlet (a TypeError for a plain greenlet)
+    # and co must be checked for None (a greenlet a fork child disowned).
     try:
-        co: Coroutine[Any] = getcurrent().co  # type: ignore[attr-defined]
-    except AttributeError:
-        raise RuntimeError("yield_() called outside a coroutine") from None
+        g: Any = getcurrent()
+        co: Coroutine[Any] | None = g.co
+    except (AttributeError, TypeError):
+        co = None
+    if co is None:
+        raise RuntimeError("yield_() called outside a coroutine")
     caller = co._caller
     co._caller = None
-    caller.switch()  # type: ignore[union-attr]
+    _switch(caller)  # type: ignore[arg-type]
     if co._cancel is not None:
         raise co._take_cancel()
 
@@ -971,7 +1111,7 @@ def _suspend(co: Coroutine[Any], what: object = None) -> None:
     co._since = _monotonic()
     caller = co._caller
     co._caller = None
-    caller.switch()  # type: ignore[union-attr]
+    _switch(caller)  # type: ignore[arg-type]
     co._abort = None
     co._waiting = None
 
@@ -1000,7 +1140,7 @@ def park(co: Coroutine[Any], abort: Callable[[], bool] | None, what: object = No
     co._since = _monotonic()
     caller = co._caller
     co._caller = None
-    caller.switch()  # type: ignore[union-attr]
+    _switch(caller)  # type: ignore[arg-type]
     co._abort = None
     co._waiting = None
     if co._cancel is not None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _thread
 from . import context as _context
-from .coroutine import Cancelled, park
+from .coroutine import Cancelled, park, register_waiter
 
 if TYPE_CHECKING:
     from .context import AioContext
@@ -183,6 +183,9 @@ class Waiter:
                 return False
             latch.acquire()  # a fire() won the race: it is releasing
         return self.value is not TIMEOUT
+
+
+register_waiter(Waiter)
 
 
 def wait_or_complete(waiter: Waiter, timeout: float | None) -> bool:

@@ -10,8 +10,14 @@ the Furo theme. See docs/README.md for how to build it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Document the .py sources, which are the kernel's source of truth: compiled,
+# its classes are extension types whose fields autodoc sees as bare
+# descriptors (see corun/_mode.py).
+os.environ["CORUN_PURE_PYTHON"] = "1"
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "_ext"))  # apidocs: docstrings, references, the check

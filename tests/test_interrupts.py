@@ -55,7 +55,17 @@ Tracer = Callable[[FrameType, str, Any], Any]
 
 
 def line_of(fn: Callable[..., Any], text: str) -> int:
-    """The number of the first line of `fn`'s source that contains `text`."""
+    """The number of the first line of `fn`'s source that contains `text`.
+
+    Skips the test when `fn` is compiled (corun.compiled): compiled code
+    runs no trace function, so there is no line to inject at; the suite's
+    pure-Python run (CORUN_PURE_PYTHON=1) covers that point.
+    """
+    if not inspect.isfunction(inspect.unwrap(fn)):
+        pytest.skip(
+            f"{fn.__qualname__} is compiled: no line events to inject at "
+            "(covered by the pure-Python run)"
+        )
     lines, start = inspect.getsourcelines(fn)
     for offset, line in enumerate(lines):
         if text in line:
@@ -155,7 +165,7 @@ def test_producer_interrupted_after_taking_event_arm_leaves_iothread_wakeable() 
         assert wait_until(lambda: ctx._notify_me and not ctx._event_armed.locked())
         ran: list[str] = []
         injector = InjectAt(
-            AioContext._submit.__code__, line_of(AioContext._submit, "self._write_event()")
+            AioContext.call_soon.__code__, line_of(AioContext.call_soon, "self._write_event()")
         )
         interrupt = traced(injector, lambda: ctx.call_soon(ran.append, "interrupted"))
         assert injector.fired and interrupt is not None, "the injection point was not reached"
@@ -700,7 +710,11 @@ def test_keyboard_interrupt_at_every_line_of_close_releases_and_finishes_everyth
         corun_logger.propagate = propagate
         corun_logger.removeHandler(records)
     print(f"{points} injection points in {time.monotonic() - started:.1f} s")
-    assert failures or points > 100, "close() ran almost no corun code: nothing was exercised"
+    # Compiled, only the pure-Python modules around the kernel (bottom
+    # halves, timers, the notifier...) produce line events: close() itself
+    # and the loop pass run as C. The pure-Python run counts every line.
+    least = 5 if corun.compiled else 100
+    assert failures or points > least, "close() ran almost no corun code: nothing was exercised"
     listing = "\n".join(failures)
     assert failures == [], f"injection points that failed:\n{listing}"
 

@@ -136,7 +136,12 @@ def test_stress_all_short_run_passes_every_invariant(monkeypatch: pytest.MonkeyP
 def test_bench_switch_prints_a_table() -> None:
     proc = run_tool("bench.py", "--cases", "switch", "--repeat", "1", "--quick", timeout=15)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    # The header says which corun ran: compiled or pure Python, GIL or not.
+    kernel = "compiled kernel" if corun.compiled else "pure-Python kernel"
+    header, blank, *lines = proc.stdout.splitlines()
+    assert header.startswith(f"corun {corun.__version__} ({kernel}"), header
+    assert header.endswith(("with the GIL", "free-threaded (GIL off)")), header
+    assert blank == ""
     assert lines[0].split() == ["case", "implementation", "median", "spread", "corun/this", "notes"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     rows = lines[2:4]
@@ -162,6 +167,13 @@ def test_bench_json_rows() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     objs = [json.loads(line) for line in proc.stdout.splitlines()]
+    # First, which corun ran: the same kernel as this process (the same
+    # install, the same CORUN_PURE_PYTHON).
+    build = objs[0]["build"]
+    assert build["kernel"] == ("compiled" if corun.compiled else "pure")
+    assert (build["pure_reason"] is None) == corun.compiled
+    assert build["gil"] is bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+    assert build["corun"] == corun.__version__
     rows = [o for o in objs if "case" in o]
     assert [(r["case"], r["impl"]) for r in rows] == [("switch", "corun"), ("switch", "greenlet")]
     assert all(len(r["runs"]) == 2 and r["median"] > 0 for r in rows)

@@ -84,6 +84,7 @@ import json
 import logging
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -1504,6 +1505,26 @@ def targets_text(
     return "\n".join(lines)
 
 
+def build_info() -> dict[str, Any]:
+    """Which corun ran: its kernel (compiled or pure Python), and the interpreter."""
+    return {
+        "corun": corun.__version__,
+        "kernel": "compiled" if corun.compiled else "pure",
+        "pure_reason": None if corun.compiled else corun._mode.pure_reason(),
+        "gil": bool(getattr(sys, "_is_gil_enabled", lambda: True)()),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+
+
+def build_text(build: dict[str, Any]) -> str:
+    """The header line: `corun 0.1 (compiled kernel), CPython 3.11.7 with the GIL`."""
+    kernel = "compiled kernel" if build["kernel"] == "compiled" else "pure-Python kernel"
+    if build["pure_reason"]:
+        kernel += f": {build['pure_reason']}"
+    gil = "with the GIL" if build["gil"] else "free-threaded (GIL off)"
+    return f"corun {build['corun']} ({kernel}), {build['python']} {gil}"
+
+
 def row_json(row: Row) -> dict[str, Any]:
     return {
         "case": row.case.name,
@@ -1645,6 +1666,14 @@ JSON_ROW_KEYS: list[tuple[str, str]] = [
     ("skipped", "null, or why it did not run (a peer not installed)"),
     ("error", "null, or what a failed run raised (exit status 1)"),
 ]
+JSON_BUILD_KEYS: list[tuple[str, str]] = [
+    ("corun", "corun's version"),
+    ("kernel", '"compiled" (the Cython kernel) or "pure" (pure Python: CORUN_PURE_PYTHON=1, '
+     "a free-threaded build, or no compiled kernel installed)"),
+    ("pure_reason", "null, or why the kernel is pure Python"),
+    ("gil", "false on a free-threaded CPython running without the GIL"),
+    ("python", 'the interpreter, as "CPython 3.11.7"'),
+]
 JSON_TARGET_KEYS: list[tuple[str, str]] = [
     ("target", 'the target, as "case: corun/peer >= bound" (or an extra number of corun)'),
     ("value", "the measured ratio (or extra number); null if not measured"),
@@ -1672,11 +1701,14 @@ def _epilog() -> str:
             ),
             "",
             wrap(
-                "--json prints JSON Lines: one JSON object per line, first one per "
-                "implementation of each case (as it finishes), then one per target. "
-                "An implementation's keys:",
+                '--json prints JSON Lines: one JSON object per line: first {"build": '
+                "{...}}, which corun ran (the table's header line says the same), then "
+                "one per implementation of each case (as it finishes), then one per "
+                "target. The build's keys:",
                 width=79,
             ),
+            *_keys_text(JSON_BUILD_KEYS),
+            "An implementation's keys:",
             *_keys_text(JSON_ROW_KEYS),
             "A target's keys:",
             *_keys_text(JSON_TARGET_KEYS),
@@ -1804,6 +1836,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench.py: error: {why}", file=sys.stderr)
             return 2
 
+    build = build_info()
+    if args.json:
+        print(json.dumps({"build": build}), flush=True)
+    else:
+        print(build_text(build), file=sys.stderr, flush=True)
     all_rows: list[Row] = []
     for case in build_cases():
         if case.group not in selected:
@@ -1826,6 +1863,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             print(json.dumps(verdict))
     else:
+        print(build_text(build))
+        print()
         print(table(all_rows))
         print()
         print(targets_text(results, indicative))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -36,15 +37,32 @@ from typing import Any
 _INHERITED_FROM = (object, BaseException, Exception)
 
 
+def _source_of(module: Any) -> str | None:
+    """A module's source; for a compiled kernel module, its .py file (the source)."""
+    if module is None:
+        return None
+    path = getattr(module, "__file__", None) or ""
+    if path and not path.endswith(".py"):
+        path = os.path.join(os.path.dirname(path), module.__name__.rpartition(".")[2] + ".py")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError:
+            return None
+    try:
+        return inspect.getsource(module)
+    except (OSError, TypeError):
+        return None
+
+
 def _attribute_docs(cls: type) -> dict[str, str | None]:
     """Public attributes that `cls`'s own source assigns, with their doc (or None).
 
     Reads the class body (`name: T = ...` / `#:` comments) and `self.name = ...`
     in its methods, as Sphinx's analyzer does.
     """
-    try:
-        source = inspect.getsource(sys.modules[cls.__module__])
-    except (OSError, TypeError, KeyError):
+    source = _source_of(sys.modules.get(cls.__module__))
+    if source is None:
         return {}
     lines = source.splitlines()
     tree = ast.parse(source)
@@ -61,6 +79,12 @@ def _attribute_docs(cls: type) -> dict[str, str | None]:
     def visit(body: list[ast.stmt], in_method: bool) -> None:
         for i, node in enumerate(body):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not in_method:
+                if any(
+                    isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list
+                ) and not node.name.startswith("_"):
+                    # Compiled, a property is a getset descriptor without its
+                    # docstring: keep the source's.
+                    found[node.name] = ast.get_docstring(node)
                 visit(node.body, True)
                 continue
             targets: list[ast.expr] = []
@@ -119,6 +143,10 @@ def _own_members(cls: type) -> Iterator[tuple[str, str | None]]:
         if name.startswith("_"):
             continue
         seen.add(name)
+        if type(value).__name__ == "getset_descriptor" and not value.__doc__:
+            # A compiled (Cython) property or field: documented in the source.
+            yield name, attrs.get(name)
+            continue
         if type(value).__name__ == "member_descriptor" or not (
             callable(value) or isinstance(value, (property, staticmethod, classmethod))
         ):
@@ -137,6 +165,15 @@ def _own_members(cls: type) -> Iterator[tuple[str, str | None]]:
             yield name, doc
 
 
+def _with_private_bases(cls: type) -> list[type]:
+    """`cls` and the private classes of corun in its MRO."""
+    return [cls] + [
+        base
+        for base in cls.__mro__[1:]
+        if base.__module__.startswith("corun.") and base.__name__.startswith("_")
+    ]
+
+
 def public_api() -> list[tuple[str, str | None]]:
     """(qualified name, docstring or None) of every public name of corun."""
     import corun
@@ -147,8 +184,11 @@ def public_api() -> list[tuple[str, str | None]]:
         own_doc = obj.__doc__ if inspect.isclass(obj) else inspect.getdoc(obj)
         out.append((f"corun.{name}", own_doc))
         if inspect.isclass(obj) and obj not in _INHERITED_FROM:
-            for member, doc in _own_members(obj):
-                out.append((f"corun.{name}.{member}", doc))
+            # With the private corun bases it is built on (Coroutine's
+            # _CoroutineBase: see corun/coroutine.py), which it documents.
+            for cls in _with_private_bases(obj):
+                for member, doc in _own_members(cls):
+                    out.append((f"corun.{name}.{member}", doc))
     return out
 
 
