@@ -41,6 +41,7 @@ cdef class AioContext(_KernelContext):
     cdef public object _signal_fd
     cdef public object _exc_handler
     cdef public object _thread_pool
+    cdef public object _thread_pool_size
     cdef public Py_ssize_t _polls
     cdef public Py_ssize_t _pass_ended
     cdef public object _slow
