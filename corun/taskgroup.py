@@ -5,10 +5,10 @@ children of one group may live on different contexts and threads, and the
 group's owner may be a coroutine or a plain thread.
 
 Design. The group counts its running children under a tiny
-`threading.Lock` (never held across a switch, a wake or a syscall). Each
-child runs its function inside `_run_child`, which records a failure; a
-join waiter on the child counts it out once it is done, on whatever thread
-it ends (so every child is done, its result set, when the block is left). The first
+`threading.Lock` (never held across a switch, a wake or a syscall). A
+join waiter on each child records its failure, if any, and counts it out
+once it is done, on whatever thread it ends (so every child is done, its
+result set, when the block is left). The first
 failure aborts the group: every other child is cancelled with
 `co.cancel()` (which crosses threads), and so is the owner while it is
 still in the block, so that the block stops too; later spawns are refused.
@@ -25,7 +25,6 @@ any thread (children spawn grandchildren into the group too).
 
 from __future__ import annotations
 
-import itertools
 import sys
 import threading
 from collections.abc import Callable
@@ -46,8 +45,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Numbers for default child names only; never read back.
-_names = itertools.count(1)
 
 
 class _ChildDone:
@@ -63,7 +60,14 @@ class _ChildDone:
         self.child = child
 
     def fire(self, value: object = None) -> bool:
-        self.group._child_finished(self.child)
+        # The child's outcome is set before its waiters fire: a failure is
+        # recorded (and the group aborted) before the child is counted out,
+        # so the owner's __exit__ never sees zero running without it.
+        child = self.child
+        exc = child._exc
+        if exc is not None and not isinstance(exc, Cancelled):
+            self.group._fail(exc)
+        self.group._child_finished(child)
         return True
 
 
@@ -148,13 +152,12 @@ class TaskGroup:
             raise RuntimeError(
                 f"{self!r}.spawn({fn!r}): the group's owner has no context; pass ctx="
             )
-        if name is None:
-            name = f"{getattr(fn, '__qualname__', type(fn).__name__)}-{next(_names)}"
-        co: Coroutine[T] = Coroutine(self._run_child, fn, args, name=name)
+        co: Coroutine[T] = Coroutine(fn, *args, name=name)
         co._exc_owned = True  # the group raises its exception, not the handler
-        # Counted out once it is done (result set), however it ends: even
-        # cancelled before it ever ran.
-        co._add_waiter(_ChildDone(self, co))
+        # Counted out (and its failure recorded) once it is done, however it
+        # ends: even cancelled before it ever ran. Nobody else can see `co`
+        # yet: its waiter list needs no lock.
+        co._waiters = [_ChildDone(self, co)]
         with self._lock:
             if not self._entered:
                 raise RuntimeError(f"{self!r}.spawn() outside its `with` block")
@@ -172,15 +175,6 @@ class TaskGroup:
             self._child_finished(co)
             raise
         return co
-
-    def _run_child(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        try:
-            return fn(*args)
-        except Cancelled:
-            raise
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
