@@ -31,6 +31,7 @@ import contextlib
 import errno
 import importlib.util
 import json
+import logging
 import os
 import random
 import re
@@ -47,6 +48,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from nbdclient import (
     CMD_BLOCK_STATUS,
     CMD_DISC,
@@ -1014,3 +1017,66 @@ def test_command_line_serves_until_a_signal(tmp_path: Path, signo: int) -> None:
             proc.kill()
             proc.wait()
     assert path.read_bytes()[:6] == b"CLIcli"
+
+
+# -- hostile clients: random requests and options -------------------------------------
+
+_KINDS = [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS, 5, 8, 77]
+_FLAGS = [0, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_DF, CMD_FLAG_REQ_ONE, 16, 32, 0xFFFF]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    readonly=st.booleans(),
+    structured=st.booleans(),
+    allocation=st.booleans(),
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from(_KINDS),
+            st.sampled_from(_FLAGS),
+            st.sampled_from([0, 4096, 3 * MiB - 4096, 3 * MiB, 3 * MiB + 1, 2**63, 2**64 - 1]),
+            st.sampled_from([0, 1, 512, 4096, 65536, 3 * MiB, 2**32 - 1]),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_random_requests_each_get_one_reply_and_nothing_is_logged(
+    tmp_path_factory: pytest.TempPathFactory,
+    readonly: bool,
+    structured: bool,
+    allocation: bool,
+    requests: list[tuple[int, int, int, int]],
+) -> None:
+    """Any mix of commands, flags, offsets and lengths, pipelined: every request is
+    answered exactly once (an error or not), the connection goes on, and the
+    server logs nothing (no exception escaped a request or the connection)."""
+    path = make_disk(tmp_path_factory.mktemp("fuzz"), 3 * MiB)
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append  # type: ignore[method-assign]
+    logging.getLogger("corun").addHandler(handler)
+    server = nbdserver.start(str(path), readonly=readonly)
+    try:
+        with NBDClient(server.address) as c:
+            c.connect(structured=structured, allocation=allocation and structured)
+            batch, cookies = [], []
+            for kind, flags, offset, length in requests:
+                if kind == CMD_WRITE:
+                    length = min(length, 65536)  # the payload is sent: keep it small
+                payload = bytes(length) if kind == CMD_WRITE else b""
+                cookie, data = c.request_bytes(kind, offset, length, flags=flags, payload=payload)
+                batch.append(data)
+                cookies.append(cookie)
+            sender = send_from_thread(c, b"".join(batch))
+            answered = [c.reply().cookie for _ in cookies]
+            sender.join(QUICK)
+            assert sorted(answered) == sorted(cookies)
+            assert c.read(0, 512) == bytes(512)  # still in step
+            c.send(CMD_DISC)
+            assert c.at_eof()
+        assert server.wait_idle(QUICK)
+    finally:
+        server.close()
+        logging.getLogger("corun").removeHandler(handler)
+    assert not logged, [r.getMessage() for r in logged]
