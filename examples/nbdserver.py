@@ -374,6 +374,7 @@ class Connection:
         # always go to the pool (a sync can take seconds).
         self.threads = threads
         self.io: Callable[..., Any] = corun.run_in_thread if threads else _inline
+        self.no_zeroes = False  # the client asked for no 124-byte pad after EXPORT_NAME
         self.structured = False
         self.allocation = False  # base:allocation selected for BLOCK_STATUS
         self.ready = False  # in the transmission phase
