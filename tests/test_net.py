@@ -770,6 +770,7 @@ def test_sendmsg_gathers_buffers_and_waits_for_room() -> None:
     b.setblocking(True)
     big = bytes(range(256)) * 4096  # 1 MiB: more than the socket buffers hold
     sent: list[int] = []
+    first_call_done = threading.Event()
 
     def writer() -> None:
         sock = Socket(a)
@@ -777,6 +778,7 @@ def test_sendmsg_gathers_buffers_and_waits_for_room() -> None:
         total = sum(len(x) for x in buffers)
         n = sock.sendmsg(buffers)
         sent.append(n)
+        first_call_done.set()  # nobody read before it: it could not send it all
         while n < total:  # the rest, as a caller of a gather write does
             rest = (b"head:" + big + b":tail")[n:]
             n += sock.sendmsg([rest])
@@ -785,6 +787,7 @@ def test_sendmsg_gathers_buffers_and_waits_for_room() -> None:
 
     with IOThread("sendmsg") as t:
         co = t.ctx.spawn(writer)
+        assert first_call_done.wait(QUICK)
         got = bytearray()
         while chunk := b.recv(65536):
             got += chunk
