@@ -264,13 +264,14 @@ class Socket:
 
     def sendmsg(self, buffers: Sequence[Any], ancdata: Any = (), flags: int = 0) -> int:
         """Send `buffers` in one gather write (socket.sendmsg, no join); return
-        how many bytes went, maybe fewer than all. Coroutine only."""
+        how many bytes went, maybe fewer than all. Coroutine only.
+
+        Unlike send(), a short write is not remembered (that would cost a pass
+        over the buffers every call): the next call finds the buffer full itself.
+        """
         if not isinstance(buffers, (list, tuple)):
             buffers = list(buffers)  # retried after a wait: must be iterable twice
         n: int = self._io(_WRITE, "sendmsg", self._sock.sendmsg, buffers, ancdata, flags)
-        watch = self._watch
-        if watch is not None and n < sum(memoryview(b).nbytes for b in buffers):
-            watch.wr_ready = False  # the send buffer is full
         return n
 
     def sendall(self, data: Any, flags: int = 0) -> None:

@@ -51,15 +51,13 @@ class _Call:
     __slots__ = ("args", "fn", "kwargs")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
-        self.fn: Callable[..., Any] | None = fn
-        self.args: tuple[Any, ...] = args
-        self.kwargs: dict[str, Any] = kwargs
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
 
     def __call__(self) -> Any:
         fn, args, kwargs = self.fn, self.args, self.kwargs
-        self.fn, self.args, self.kwargs = None, (), {}
-        if fn is None:
-            raise RuntimeError("a run_in_thread() call ran twice")
+        del self.fn, self.args, self.kwargs
         return fn(*args, **kwargs)
 
 
